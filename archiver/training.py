@@ -5,6 +5,7 @@ A recipe is named by a spec's ``training.recipe``; new data sets add a recipe he
 
 from __future__ import annotations
 
+import io
 import json
 import sys
 from contextlib import contextmanager
@@ -104,6 +105,10 @@ def train(spec: ModelSpec) -> TrainResult:
 
 def _save(spec: ModelSpec, model: nn.Module, metrics: dict[str, float]) -> Path:
     spec.weights.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), spec.weights)
+    # Through a buffer: torch.save names the zip's root folder after the file,
+    # so the same weights would otherwise differ by file name.
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    spec.weights.write_bytes(buffer.getvalue())
     metrics_path(spec).write_text(json.dumps(metrics, indent=2) + "\n")
     return spec.weights

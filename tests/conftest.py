@@ -1,0 +1,65 @@
+"""Shared fixtures: a freshly trained Net, its real archive, and TorchServe Contexts on it."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from ts.context import Context, RequestProcessor
+
+from archiver import ModelSpec, build, load_spec, train
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tag each test with its tier, from the folder it lives in."""
+    for item in items:
+        tier = Path(str(item.fspath)).relative_to(ROOT / "tests").parts[0]
+        if tier in ("unit", "e2e"):
+            item.add_marker(getattr(pytest.mark, tier))
+
+
+@pytest.fixture(scope="session")
+def net_spec(tmp_path_factory: pytest.TempPathFactory) -> ModelSpec:
+    """The repo's net config, trained into a private folder."""
+    spec = load_spec(ROOT / "model_configs" / "net.yaml")
+    spec = dataclasses.replace(spec, weights=tmp_path_factory.mktemp("weights") / "net.pt")
+    train(spec)
+    return spec
+
+
+@pytest.fixture(scope="session")
+def net_archive(net_spec: ModelSpec, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build(net_spec, tmp_path_factory.mktemp("store"))
+
+
+@pytest.fixture(scope="session")
+def net_dir(net_archive: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The archive unpacked, as TorchServe unpacks it for a worker."""
+    target = tmp_path_factory.mktemp("unpacked")
+    with zipfile.ZipFile(net_archive) as mar:
+        mar.extractall(target)
+    return target
+
+
+def reference_net(weights: Path, rows: np.ndarray) -> np.ndarray:
+    """Net's forward computed independently, in float64 numpy from the state_dict."""
+    state = {k: v.double().numpy() for k, v in torch.load(weights, weights_only=True).items()}
+    hidden = rows.astype(np.float64) @ state["fc1.weight"].T + state["fc1.bias"]
+    return hidden @ state["fc2.weight"].T + state["fc2.bias"]
+
+
+def make_context(model_dir: Path, batch: int, gpu: int | None = None) -> Context:
+    """TorchServe's own Context for an unpacked archive, as its worker builds it."""
+    manifest = json.loads((model_dir / "MAR-INF" / "MANIFEST.json").read_text())
+    config = yaml.safe_load((model_dir / manifest["model"]["configFile"]).read_text())
+    context = Context(manifest["model"]["modelName"], str(model_dir), manifest, batch, gpu, "0.12.0", model_yaml_config=config)
+    context.request_processor = [RequestProcessor({}) for _ in range(batch)]
+    return context

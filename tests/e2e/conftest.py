@@ -1,0 +1,60 @@
+"""A real TorchServe on free loopback ports, in its own run folder, stopped afterwards."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+import requests
+
+from scripts.runinfo import RunDir, TokenKind
+from scripts.server import ServerConfig, start, stop
+
+
+def free_ports(count: int) -> list[int]:
+    """Ports the kernel says are free on 127.0.0.1 right now."""
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+@pytest.fixture(scope="module")
+def server(net_archive: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunDir]:
+    base = tmp_path_factory.mktemp("server")
+    store = base / "model_store"
+    store.mkdir()
+    shutil.copy(net_archive, store)
+    inference, management, metrics = free_ports(3)
+    config = ServerConfig(base / "run", store, inference_port=inference, management_port=management, metrics_port=metrics, gpus=0)
+    run = start(config)
+    try:
+        yield run
+    finally:
+        stop(run.path)
+
+
+class Api:
+    """Inference calls with the server's current inference key."""
+
+    def __init__(self, run: RunDir) -> None:
+        self.run = run
+        self.session = requests.Session()
+
+    def predict(self, model: str, payload: bytes | str, content_type: str = "application/json", token: str | None = "") -> requests.Response:
+        key = self.run.token(TokenKind.INFERENCE) if token == "" else token
+        headers = {"Content-Type": content_type}
+        if key is not None:
+            headers["Authorization"] = f"Bearer {key}"
+        return requests.post(f"{self.run.inference_url}/predictions/{model}", data=payload, headers=headers, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def api(server: RunDir) -> Api:
+    return Api(server)

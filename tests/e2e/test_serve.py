@@ -1,0 +1,175 @@
+"""End to end: ts-server starts TorchServe, ts-manage registers, HTTP answers."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+
+from tests.conftest import reference_net
+from tests.e2e.conftest import Api, free_ports
+
+from scripts import manage
+from scripts.runinfo import RunDir, TokenKind
+
+
+def ts_manage(run: RunDir, *args: str) -> subprocess.CompletedProcess:
+    """The installed console command, as a user runs it."""
+    return subprocess.run([str(Path(sys.executable).parent / "ts-manage"), "--run-dir", str(run.path), *args], capture_output=True, text=True, timeout=180)
+
+
+@pytest.fixture(scope="module")
+def registered(server: RunDir) -> RunDir:
+    done = ts_manage(server, "register", "net.mar", "--workers", "1", "--batch-size", "1", "--device", "cpu")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "registered net from net.mar: 1 CPU worker(s) READY"
+    batched = ts_manage(server, "register", "net.mar", "--name", "net_batched", "--workers", "1", "--batch-size", "8", "--max-batch-delay", "200")
+    assert batched.returncode == 0, batched.stderr
+    return server
+
+
+def _describe(run: RunDir, name: str) -> dict:
+    done = ts_manage(run, "describe", name)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)[0]
+
+
+@pytest.fixture(scope="module")
+def weights(net_spec, registered: RunDir) -> Path:  # noqa: ANN001
+    return net_spec.weights
+
+
+def test_predictions_equal_in_process_model(registered: RunDir, api: Api, weights: Path) -> None:
+    rows = np.random.default_rng(3).normal(size=(7, 10)).astype(np.float32)
+    reply = api.predict("net", json.dumps({"inputs": rows.tolist()}))
+    assert reply.status_code == 200, reply.text
+    np.testing.assert_allclose(reply.json()["predictions"], reference_net(weights, rows), rtol=1e-5, atol=1e-5)
+    one = api.predict("net", json.dumps({"inputs": rows[0].tolist()}))
+    np.testing.assert_allclose(one.json()["predictions"], reply.json()["predictions"][:1], rtol=1e-6)
+
+
+def test_describe_shows_the_registered_settings(registered: RunDir) -> None:
+    net, batched = _describe(registered, "net"), _describe(registered, "net_batched")
+    assert (net["batchSize"], batched["batchSize"], batched["maxBatchDelay"]) == (1, 8, 200)
+    assert [w["status"] for w in net["workers"]] == ["READY"] and net["deviceType"] == "cpu"
+
+
+BAD_INPUTS = [
+    ("not json", "request body is not valid JSON: Expecting value at line 1 column 1"),
+    ("", "request body is empty"),
+    ('{"values": [1,2,3,4,5,6,7,8,9,10]}', "request body has no 'inputs' key (keys: 'values')"),
+    ('{"inputs": [1,2,3,4,5,6,7,8,9]}', "row 0 has 9 values, expected 10"),
+    ('{"inputs": [1,2,3,4,"five",6,7,8,9,10]}', 'row 0, column 4 is "five" (a JSON string), expected a number'),
+    ('{"inputs": [1,2,3,NaN,5,6,7,8,9,10]}', "row 0, column 3 is NaN (a JSON number), expected a finite number"),
+    ('{"inputs": [1,2,3,4,5,6,7,8,9,Infinity]}', "row 0, column 9 is Infinity (a JSON number), expected a finite number"),
+    ('{"inputs": []}', "'inputs' is empty"),
+    ('{"inputs": [[1,2,3,4,5,6,7,8,9,10],[1,2]]}', "row 1 has 2 values, expected 10"),
+    ('{"inputs": [[1,2,3,4,5,6,7,8,9,10],3]}', "'inputs' mixes numbers and lists"),
+    (json.dumps({"inputs": [[0] * 10] * 1025}), "'inputs' has 1025 rows, more than the limit of 1024 rows per request"),
+    ("[1,2,3]", "request body must be a JSON object"),
+]
+
+
+@pytest.mark.parametrize(("body", "message"), BAD_INPUTS)
+def test_bad_input_gets_400_naming_the_problem(registered: RunDir, api: Api, body: str, message: str) -> None:
+    reply = api.predict("net", body)
+    assert reply.status_code == 400
+    assert reply.json()["type"] == "InvalidInput" and message in reply.json()["message"]
+
+
+def test_form_encoded_body_is_explained(registered: RunDir, api: Api) -> None:
+    reply = api.predict("net", '{"inputs": [1,2,3,4,5,6,7,8,9,10]}', content_type="application/x-www-form-urlencoded")
+    assert reply.status_code == 400 and "Content-Type: application/json" in reply.json()["message"]
+
+
+def test_worker_survives_bad_input(registered: RunDir, api: Api, weights: Path) -> None:
+    before = [w["pid"] for w in _describe(registered, "net")["workers"]]
+    for body, _ in BAD_INPUTS:
+        assert api.predict("net", body).status_code == 400
+    row = [0.25] * 10
+    reply = api.predict("net", json.dumps({"inputs": row}))
+    assert reply.status_code == 200
+    np.testing.assert_allclose(reply.json()["predictions"], reference_net(weights, np.array([row], np.float32)), rtol=1e-5, atol=1e-5)
+    assert [w["pid"] for w in _describe(registered, "net")["workers"]] == before
+
+
+def test_batched_model_answers_concurrent_good_and_bad_requests(registered: RunDir, api: Api, weights: Path) -> None:
+    rng = np.random.default_rng(4)
+    payloads: list[tuple[str, np.ndarray | None]] = []
+    for i in range(32):
+        if i % 3 == 1:
+            payloads.append((BAD_INPUTS[i % len(BAD_INPUTS)][0], None))
+        else:
+            rows = rng.normal(size=(1 + i % 4, 10)).astype(np.float32)
+            payloads.append((json.dumps({"inputs": rows.tolist()}), rows))
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        replies = list(pool.map(lambda p: api.predict("net_batched", p[0]), payloads))
+    for (_, rows), reply in zip(payloads, replies):
+        if rows is None:
+            assert reply.status_code == 400, reply.text
+        else:
+            assert reply.status_code == 200, reply.text
+            np.testing.assert_allclose(reply.json()["predictions"], reference_net(weights, rows), rtol=1e-5, atol=1e-5)
+
+
+def test_token_authorization_is_enforced(registered: RunDir, api: Api) -> None:
+    url = registered.inference_url
+    assert requests.get(f"{url}/ping", timeout=10).status_code == 400
+    assert requests.get(f"{url}/ping", headers={"Authorization": "Bearer wrong"}, timeout=10).status_code == 400
+    assert api.predict("net", '{"inputs": [0,0,0,0,0,0,0,0,0,0]}', token=None).status_code == 400
+    inference_key = registered.token(TokenKind.INFERENCE)
+    reply = requests.get(f"{registered.management_url}/models", headers={"Authorization": f"Bearer {inference_key}"}, timeout=10)
+    assert reply.status_code == 400
+
+
+def test_server_listens_on_loopback_only(registered: RunDir) -> None:
+    props = registered.properties()
+    for key in ("inference_address", "management_address", "metrics_address"):
+        assert props[key].startswith("http://127.0.0.1:")
+
+
+def test_gpu_request_on_cpu_server_registers_nothing(registered: RunDir) -> None:
+    done = ts_manage(registered, "register", "net.mar", "--name", "net_gpu", "--device", "gpu")
+    assert done.returncode == 1
+    assert done.stderr == "ts-manage: error: GPU workers were asked for, but this server has no GPU (number_of_gpu=0); use --device cpu\n"
+    assert "net_gpu" not in ts_manage(registered, "list").stdout
+
+
+def test_unknown_model_wrong_token_and_down_server_are_one_line(registered: RunDir) -> None:
+    unknown = ts_manage(registered, "describe", "nope")
+    assert (unknown.returncode, unknown.stderr) == (1, "ts-manage: error: GET /models/nope failed with HTTP 404: Model not found: nope\n")
+    token = ts_manage(registered, "--token", "wrong", "list")
+    assert token.returncode == 1 and token.stderr.startswith("ts-manage: error: the management token was refused")
+    [port] = free_ports(1)
+    down = ts_manage(registered, "--url", f"http://127.0.0.1:{port}", "list")
+    assert down.returncode == 1 and down.stderr.startswith("ts-manage: error: cannot reach TorchServe's management API")
+    for done in (unknown, token, down):
+        assert "Traceback" not in done.stderr and done.stderr.count("\n") == 1
+
+
+def test_only_archives_from_the_model_store_load(registered: RunDir, tmp_path: Path) -> None:
+    outside = tmp_path / "net.mar"
+    outside.write_bytes((registered.model_store / "net.mar").read_bytes())
+    done = ts_manage(registered, "register", str(outside), "--name", "outside")
+    assert done.returncode == 1 and "is outside the model store" in done.stderr
+    client = manage.Client(registered.management_url, registered.token(TokenKind.MANAGEMENT))
+    for url in ("file:///etc/passwd", "http://127.0.0.1:1/x.mar", "../net.mar"):
+        with pytest.raises(manage.ScriptError, match="HTTP 404"):
+            client.call("POST", "/models", url=url, model_name="evil")
+
+
+def test_scale_set_default_and_unregister(registered: RunDir, api: Api) -> None:
+    scaled = ts_manage(registered, "scale", "net_batched", "--min", "2")
+    assert scaled.returncode == 0 and scaled.stdout.startswith("scaled net_batched: 2 worker(s) READY")
+    assert len(_describe(registered, "net_batched")["workers"]) == 2
+    default = ts_manage(registered, "set-default", "net_batched", "1.0")
+    assert default.returncode == 0 and "net_batched" in default.stdout
+    gone = ts_manage(registered, "unregister", "net_batched")
+    assert gone.returncode == 0
+    assert api.predict("net_batched", '{"inputs": [0,0,0,0,0,0,0,0,0,0]}').status_code == 404

@@ -1,0 +1,113 @@
+"""The archiver: verified, self-contained archives, and clear refusals."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import sysconfig
+import textwrap
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from archiver import ArchiverError, ModelSpec, build, load_spec, verify
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_archive_holds_model_weights_config_and_handlers(net_archive: Path, net_spec: ModelSpec) -> None:
+    with zipfile.ZipFile(net_archive) as mar:
+        names = set(mar.namelist())
+        manifest = json.loads(mar.read("MAR-INF/MANIFEST.json"))
+        config = yaml.safe_load(mar.read("model-config.yaml"))
+        weights = mar.read("net.pt")
+    assert {"net.py", "net.pt", "tabular.py", "model-config.yaml", "handlers/base.py", "handlers/payload.py"} <= names
+    assert not any(n.endswith(".pyc") for n in names)
+    assert manifest["model"] == {
+        "modelName": "net",
+        "serializedFile": "net.pt",
+        "handler": "tabular.py",
+        "modelFile": "net.py",
+        "modelVersion": "1.0",
+        "configFile": "model-config.yaml",
+    }
+    assert config["batchSize"] == 8 and config["deviceType"] == "cpu"
+    assert config["handler"]["model_class"] == "Net" and config["handler"]["input_width"] == 10
+    assert weights == net_spec.weights.read_bytes()  # the state_dict itself, not a pickled module
+
+
+def test_wrong_hidden_size_fails_at_build_naming_file_and_mismatch(net_spec: ModelSpec, tmp_path: Path) -> None:
+    wrong = dataclasses.replace(net_spec, model_kwargs={"in_features": 10, "hidden": 21})
+    with pytest.raises(ArchiverError) as err:
+        build(wrong, tmp_path)
+    assert "weights file net.pt does not fit Net" in err.value.message
+    assert "size mismatch for fc1.weight" in err.value.message and "[21, 10]" in err.value.message
+    assert not (tmp_path / "net.mar").exists()
+
+
+def test_wrong_sample_shape_fails_at_build(net_spec: ModelSpec) -> None:
+    with pytest.raises(ArchiverError, match=r"fails on a sample input of shape \[2, 9\]"):
+        verify(dataclasses.replace(net_spec, sample_shape=(2, 9)))
+
+
+def test_a_pickled_module_is_refused(net_spec: ModelSpec, tmp_path: Path) -> None:
+    pickled = tmp_path / "whole_model.pt"
+    model = verify(net_spec)
+    torch.save(model, pickled)  # a whole pickled module, as the article sometimes does
+    with pytest.raises(ArchiverError, match="whole_model.pt is not a loadable state_dict"):
+        verify(dataclasses.replace(net_spec, weights=pickled))
+
+
+def test_missing_weights_says_to_train(net_spec: ModelSpec, tmp_path: Path) -> None:
+    with pytest.raises(ArchiverError, match=r"does not exist \(run `make train` first\)"):
+        verify(dataclasses.replace(net_spec, weights=tmp_path / "none.pt"))
+
+
+@pytest.mark.parametrize(
+    ("patch", "message"),
+    [
+        ({"name": "bad name"}, "name 'bad name' must match"),
+        ({"serve": {"batchSize": 0}}, "serve.batchSize must be positive"),
+        ({"serve": {"deviceType": "tpu"}}, "serve.deviceType must be one of ['cpu', 'gpu']"),
+        ({"serve": {"workers": 2}}, "serve.workers is not a TorchServe model-config key"),
+        ({"serve": {"minWorkers": 3, "maxWorkers": 2}}, "serve.minWorkers (3) exceeds serve.maxWorkers (2)"),
+        ({"handler": {}}, "missing required key 'handler.entry'"),
+    ],
+)
+def test_bad_configs_are_refused(tmp_path: Path, patch: dict, message: str) -> None:
+    raw = yaml.safe_load((ROOT / "model_configs" / "net.yaml").read_text())
+    raw.update(patch)
+    (tmp_path / "configs").mkdir()
+    path = tmp_path / "configs" / "bad.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ArchiverError) as err:
+        load_spec(path, root=ROOT)
+    assert message in err.value.message
+
+
+def test_archive_serves_without_this_library(net_dir: Path) -> None:
+    """Load the archive as a TorchServe worker does, with site-packages but not this repo."""
+    script = textwrap.dedent(
+        f"""
+        import json, sys
+        sys.path.append({str(net_dir)!r})  # what TorchServe's worker does with the model dir
+        from ts.model_loader import TsModelLoader
+        service = TsModelLoader().load("net", {str(net_dir)!r}, "tabular.py", None, 1)
+        import handlers
+        assert handlers.__file__.startswith({str(net_dir)!r}), handlers.__file__
+        out = service._entry_point([{{"body": b'{{"inputs": [0,0,0,0,0,0,0,0,0,0]}}'}}], service.context)
+        print(json.dumps(out))
+        """
+    )
+    # -S: no site processing, so the editable install of this repo is invisible.
+    env = {"PYTHONPATH": sysconfig.get_paths()["purelib"], "PATH": os.environ["PATH"], "HOME": str(net_dir)}
+    done = subprocess.run([sys.executable, "-S", "-c", script], cwd=net_dir, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    [answer] = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(answer["predictions"]) == 1

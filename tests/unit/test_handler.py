@@ -1,0 +1,96 @@
+"""TabularHandler driven through TorchServe's own Context on a real unpacked archive."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import make_context, reference_net
+
+from handlers.tabular import TabularHandler
+
+
+def _ready(net_dir: Path, batch: int) -> tuple[TabularHandler, object]:
+    context = make_context(net_dir, batch)
+    handler = TabularHandler()
+    handler.initialize(context)
+    return handler, context
+
+
+def _request(payload: object) -> dict:
+    return {"body": json.dumps(payload).encode()}
+
+
+def test_initialize_loads_eval_model_with_one_thread(net_dir: Path) -> None:
+    handler, _ = _ready(net_dir, 1)
+    assert handler.initialized and not handler.model.training
+    assert handler.device == torch.device("cpu")
+    assert torch.get_num_threads() == 1  # the archive's handler.torch_threads
+
+
+def test_predictions_match_independent_numpy_forward(net_dir: Path) -> None:
+    rows = np.random.default_rng(1).normal(size=(5, 10))
+    handler, context = _ready(net_dir, 1)
+    [answer] = handler.handle([_request({"inputs": rows.tolist()})], context)
+    expected = reference_net(net_dir / "net.pt", rows.astype(np.float32))
+    np.testing.assert_allclose(answer["predictions"], expected, rtol=1e-5, atol=1e-5)
+    assert context.get_response_status(0) == (200, None)
+
+
+def test_single_row_answers_one_prediction(net_dir: Path) -> None:
+    handler, context = _ready(net_dir, 1)
+    [answer] = handler.handle([{"body": {"inputs": [0.0] * 10}}], context)  # worker pre-decoded JSON
+    assert len(answer["predictions"]) == 1 and len(answer["predictions"][0]) == 1
+
+
+def test_batch_mixes_good_and_bad_requests_and_keeps_order(net_dir: Path) -> None:
+    rng = np.random.default_rng(2)
+    good = [rng.normal(size=(n, 10)) for n in (1, 3, 2)]
+    batch = [
+        _request({"inputs": good[0].tolist()}),
+        {"body": b"not json"},
+        _request({"inputs": good[1].tolist()}),
+        _request({"inputs": [[1] * 10, [1] * 9]}),
+        _request({"inputs": good[2].tolist()}),
+    ]
+    handler, context = _ready(net_dir, len(batch))
+    answers = handler.handle(batch, context)
+    assert len(answers) == len(batch)
+    for idx, rows in zip((0, 2, 4), good):
+        np.testing.assert_allclose(answers[idx]["predictions"], reference_net(net_dir / "net.pt", rows.astype(np.float32)), rtol=1e-5, atol=1e-5)
+        assert context.get_response_status(idx)[0] == 200
+    assert answers[1] == {"code": 400, "type": "InvalidInput", "message": "request body is not valid JSON: Expecting value at line 1 column 1"}
+    assert context.get_response_status(1) == (400, answers[1]["message"])
+    assert answers[3]["message"] == "row 1 has 9 values, expected 10"
+    assert context.get_response_status(3)[0] == 400
+
+
+def test_all_bad_batch_runs_no_inference(net_dir: Path) -> None:
+    handler, context = _ready(net_dir, 2)
+    handler.model = None  # inference would fail loudly if it were reached
+    answers = handler.handle([_request({}), _request({"inputs": []})], context)
+    assert [a["code"] for a in answers] == [400, 400]
+
+
+def test_inference_failure_is_generic_500_for_the_batch(net_dir: Path) -> None:
+    from ts.utils.util import PredictionException
+
+    handler, context = _ready(net_dir, 1)
+
+    def broken(_: torch.Tensor) -> torch.Tensor:
+        raise ValueError("secret internal detail")
+
+    handler.model = broken
+    with pytest.raises(PredictionException) as err:
+        handler.handle([_request({"inputs": [0] * 10})], context)
+    assert err.value.error_code == 500 and "secret" not in err.value.message
+
+
+def test_too_many_rows_is_refused(net_dir: Path) -> None:
+    handler, context = _ready(net_dir, 1)
+    [answer] = handler.handle([_request({"inputs": [[0] * 10] * 1025})], context)
+    assert answer["message"] == "'inputs' has 1025 rows, more than the limit of 1024 rows per request"
