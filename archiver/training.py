@@ -13,10 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
+import numpy as np
 import torch
 from torch import nn
 
-from archiver.datasets import make_regression
+from archiver.datasets import load_digits_split, make_regression
 from archiver.errors import ArchiverError
 from archiver.spec import ModelSpec
 from handlers.runtime import build_module
@@ -82,8 +83,47 @@ def train_regression(spec: ModelSpec) -> TrainResult:
     return TrainResult(_save(spec, model, metrics), metrics)
 
 
+def _remade_through_image_path(images: torch.Tensor) -> torch.Tensor:
+    """Each 8x8 digit blown up to a 32x32 picture and converted back as served images are."""
+    from handlers.images import to_digit_grid
+
+    blocks = np.ones((4, 4), dtype=np.float32)
+    grids = [to_digit_grid(np.kron(image[0].numpy(), blocks)) for image in images]
+    return torch.from_numpy(np.stack(grids)).unsqueeze(1)
+
+
+def train_digits(spec: ModelSpec) -> TrainResult:
+    """Cross-entropy on scikit-learn's digits, seeded mini-batches, held-out accuracy."""
+    cfg = spec.training
+    seed = int(cfg.get("seed", 0))
+    data = load_digits_split(seed, float(cfg.get("holdout", 0.2)))
+    x_train, y_train = data.x_train, data.y_train
+    if cfg.get("augment", False):
+        x_train = torch.cat([x_train, _remade_through_image_path(x_train)])
+        y_train = torch.cat([y_train, y_train])
+    epochs, batch = int(cfg.get("epochs", 25)), int(cfg.get("batch_size", 64))
+    with _deterministic(seed):
+        model = build_module(spec.model_file, spec.model_class, spec.model_kwargs)
+        optimizer = torch.optim.Adam(model.parameters(), lr=float(cfg.get("lr", 0.002)))
+        order = torch.Generator().manual_seed(seed)
+        for epoch in range(1, epochs + 1):
+            model.train()
+            for idx in torch.randperm(len(x_train), generator=order).split(batch):
+                optimizer.zero_grad()
+                loss = nn.functional.cross_entropy(model(x_train[idx]), y_train[idx])
+                loss.backward()
+                optimizer.step()
+            _progress(spec.name, epoch, epochs, loss.item())
+        model.eval()
+        with torch.inference_mode():
+            accuracy = (model(data.x_test).argmax(dim=1) == data.y_test).float().mean().item()
+    metrics = {"heldout_accuracy": accuracy, "train_rows": len(x_train), "heldout_rows": len(data.x_test)}
+    return TrainResult(_save(spec, model, metrics), metrics)
+
+
 RECIPES: dict[str, Callable[[ModelSpec], TrainResult]] = {
     "regression": train_regression,
+    "digits": train_digits,
 }
 
 

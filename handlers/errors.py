@@ -2,6 +2,7 @@
 
     HandlerError (500)        root: anything the handler refuses or cannot do
     ├── InvalidInput (400)    the request itself is wrong; its message goes to the client
+    ├── ExplanationsUnavailable (501)  the server lacks captum for /explanations
     └── ModelLoadError (500)  the archive cannot be loaded (also a RuntimeError, so
                               TorchServe reports the load failure instead of
                               crash-looping on an unexpected exception type)
@@ -30,3 +31,9 @@ class ModelLoadError(HandlerError, RuntimeError):
     """The archive's model, weights or config cannot be loaded."""
 
     status = 500
+
+
+class ExplanationsUnavailable(HandlerError):
+    """The server lacks what explanations need (captum); answered with 501."""
+
+    status = 501

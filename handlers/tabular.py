@@ -13,19 +13,19 @@ from typing import Any, Mapping
 
 import torch
 
-from handlers.base import BatchHandler
+from handlers.base import BatchHandler, Decoded
 from handlers.payload import decode_json, json_field, parse_rows, request_body
 
 
 class TabularHandler(BatchHandler):
     """Rows of ``input_width`` numbers in, one prediction row per input row out."""
 
-    def decode(self, request: Mapping[str, Any]) -> torch.Tensor:
+    def decode(self, request: Mapping[str, Any]) -> Decoded:
         width = int(self.options.get("input_width", 0))
         example = f'{{"inputs": [{width} numbers]}}'
         inputs = json_field(decode_json(request_body(request)), "inputs", example)
         rows = parse_rows(inputs, width, int(self.options.get("max_rows", 1024)))
-        return torch.from_numpy(rows)
+        return Decoded(torch.from_numpy(rows))
 
-    def encode(self, rows: torch.Tensor) -> dict[str, Any]:
-        return {"predictions": rows.tolist()}
+    def encode(self, item: Decoded, outputs: torch.Tensor) -> dict[str, Any]:
+        return {"predictions": outputs.tolist()}

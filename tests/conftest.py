@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import zipfile
 from pathlib import Path
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from PIL import Image
 from ts.context import Context, RequestProcessor
 
 from archiver import ModelSpec, build, load_spec, train
@@ -63,3 +65,57 @@ def make_context(model_dir: Path, batch: int, gpu: int | None = None) -> Context
     context = Context(manifest["model"]["modelName"], str(model_dir), manifest, batch, gpu, "0.12.0", model_yaml_config=config)
     context.request_processor = [RequestProcessor({}) for _ in range(batch)]
     return context
+
+
+@pytest.fixture(scope="session")
+def digits_spec(tmp_path_factory: pytest.TempPathFactory) -> ModelSpec:
+    """The repo's digits config, trained into a private folder."""
+    spec = load_spec(ROOT / "model_configs" / "digits.yaml")
+    spec = dataclasses.replace(spec, weights=tmp_path_factory.mktemp("weights") / "digits.pt")
+    train(spec)
+    return spec
+
+
+@pytest.fixture(scope="session")
+def digits_archive(digits_spec: ModelSpec, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build(digits_spec, tmp_path_factory.mktemp("store"))
+
+
+@pytest.fixture(scope="session")
+def digits_dir(digits_archive: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    target = tmp_path_factory.mktemp("unpacked")
+    with zipfile.ZipFile(digits_archive) as mar:
+        mar.extractall(target)
+    return target
+
+
+def render_digit(
+    ink: np.ndarray,
+    size: tuple[int, int],
+    fmt: str = "PNG",
+    dark_on_light: bool = True,
+    rgb: bool = False,
+    resample: Image.Resampling = Image.Resampling.BILINEAR,
+) -> bytes:
+    """An 8x8 digit (ink 0..16) drawn as an image file of ``size``, as a person might send it."""
+    pixels = (np.asarray(ink, dtype=np.float32) / 16.0 * 255).round().astype(np.uint8)
+    if dark_on_light:
+        pixels = 255 - pixels
+    image = Image.fromarray(pixels, "L").resize(size, resample)
+    if rgb:
+        image = image.convert("RGB")
+    out = io.BytesIO()
+    image.save(out, fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+    return out.getvalue()
+
+
+def digits_model(weights: Path) -> torch.nn.Module:
+    """The digits CNN built in-process from the same weights, outside any handler code."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("digits_reference", ROOT / "models" / "digits.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    model = module.DigitsCNN(channels=16, hidden=64)
+    model.load_state_dict(torch.load(weights, weights_only=True))
+    return model.eval()

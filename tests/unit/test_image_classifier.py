@@ -1,0 +1,155 @@
+"""ImageClassifierHandler through TorchServe's Context on a real digits archive."""
+
+from __future__ import annotations
+
+import base64
+import json
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import digits_model, make_context, render_digit
+
+from archiver.datasets import load_digits_split
+from archiver.training import metrics_path
+from handlers.image_classifier import ImageClassifierHandler
+from handlers.images import open_image, to_digit_grid
+
+SPLIT = load_digits_split(0, 0.2)
+
+
+def _ready(digits_dir: Path, batch: int, explain: bool = False):  # noqa: ANN202
+    from ts.context import RequestProcessor
+
+    context = make_context(digits_dir, batch)
+    if explain:
+        context.request_processor = [RequestProcessor({"explain": "True"}) for _ in range(batch)]
+    handler = ImageClassifierHandler()
+    handler.initialize(context)
+    return handler, context
+
+
+def _ink(i: int) -> np.ndarray:
+    return (SPLIT.x_test[i, 0] * 16).numpy()
+
+
+def _png(width: int, height: int) -> bytes:
+    """A PNG whose header claims ``width`` x ``height`` and whose data is one empty chunk."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+def test_training_reaches_97_percent(digits_spec) -> None:  # noqa: ANN001
+    with torch.inference_mode():
+        predicted = digits_model(digits_spec.weights)(SPLIT.x_test).argmax(dim=1)
+    accuracy = (predicted == SPLIT.y_test).float().mean().item()
+    assert accuracy >= 0.97
+    assert json.loads(metrics_path(digits_spec).read_text())["heldout_accuracy"] == pytest.approx(accuracy)
+
+
+def test_array_input_matches_in_process_model(digits_dir: Path, digits_spec) -> None:  # noqa: ANN001
+    handler, context = _ready(digits_dir, 1)
+    [answer] = handler.handle([{"body": {"inputs": _ink(0).tolist(), "k": 10}}], context)
+    with torch.inference_mode():
+        expected = torch.softmax(digits_model(digits_spec.weights)(SPLIT.x_test[:1]), dim=1)[0]
+    got = {p["index"]: p["probability"] for p in answer["predictions"]}
+    np.testing.assert_allclose([got[i] for i in range(10)], expected.numpy(), rtol=1e-4, atol=1e-6)
+    probabilities = [p["probability"] for p in answer["predictions"]]
+    assert probabilities == sorted(probabilities, reverse=True)
+    assert [p["class"] for p in answer["predictions"]] == [str(p["index"]) for p in answer["predictions"]]
+
+
+@pytest.mark.parametrize(
+    ("size", "fmt", "dark_on_light", "rgb"),
+    [((8, 8), "PNG", False, False), ((64, 64), "PNG", True, False), ((120, 120), "JPEG", True, True), ((48, 48), "JPEG", False, True)],
+)
+def test_images_in_every_form_give_the_digit(digits_dir: Path, size, fmt, dark_on_light, rgb) -> None:  # noqa: ANN001
+    handler, context = _ready(digits_dir, 3)
+    picture = render_digit(_ink(5), size, fmt, dark_on_light, rgb)
+    batch = [
+        {"body": bytearray(picture)},
+        {"body": {"image": base64.b64encode(picture).decode()}},
+        {"body": json.dumps({"image": "data:image/png;base64," + base64.b64encode(picture).decode(), "k": 1}).encode()},
+    ]
+    answers = handler.handle(batch, context)
+    assert [a["predictions"][0]["index"] for a in answers] == [int(SPLIT.y_test[5])] * 3
+    assert [len(a["predictions"]) for a in answers] == [3, 3, 1]
+
+
+def test_image_path_recovers_the_training_grid() -> None:
+    """A digit blown up 8x (sharp pixels) and sent as a PNG comes back as the same 8x8 input."""
+    from PIL import Image
+
+    checked = 0
+    for i in range(20):
+        ink = _ink(i)
+        grid = to_digit_grid(open_image(render_digit(ink, (64, 64), resample=Image.Resampling.NEAREST), 10**6))
+        strong = ink > 0.1 * ink.max()  # what the converter counts as ink when cropping
+        cols, rows = np.flatnonzero(strong.any(0)), np.flatnonzero(strong.any(1))
+        faint = np.flatnonzero((ink > 0).any(0))
+        if cols[0] != 7 - cols[-1] or (rows[0], rows[-1]) != (0, 7) or (faint[0], faint[-1]) != (cols[0], cols[-1]):
+            continue  # off-centre or short digits are re-centred and re-scaled, as the training bitmaps were
+        np.testing.assert_allclose(grid, ink / 16, atol=1 / 255 + 1e-6)
+        checked += 1
+    assert checked >= 5
+
+
+def test_k_from_the_query_string(digits_dir: Path) -> None:
+    handler, context = _ready(digits_dir, 1)
+    [answer] = handler.handle([{"body": bytearray(render_digit(_ink(1), (32, 32))), "k": bytearray(b"5")}], context)
+    assert len(answer["predictions"]) == 5
+
+
+def _half(data: bytes) -> bytes:
+    return data[: len(data) // 2]
+
+
+BAD = [
+    (b"\x00\x01 definitely not an image", "request body is not a PNG or JPEG image"),
+    (_half(render_digit(np.random.default_rng(0).uniform(0, 16, (8, 8)), (64, 64))), "image cannot be decoded (truncated or corrupt PNG)"),
+    (_png(0, 10), "image"),
+    (_png(30_000, 1_000), "image is 30000x1000 = 30000000 pixels, more than the limit of 25000000"),
+    (_png(100_000, 100_000), "image has more pixels than the limit of 25000000"),
+    (render_digit(np.zeros((8, 8)), (20, 20)), "image shows no digit"),
+    (json.dumps({"inputs": [[0] * 8] * 7}).encode(), "'inputs' must be 8 rows of 8 numbers, got 7 row(s)"),
+    (json.dumps({"inputs": [[0] * 8] * 9}).encode(), "'inputs' must be 8 rows of 8 numbers, got 9 row(s)"),
+    (json.dumps({"inputs": [[0] * 7] * 8}).encode(), "row 0 has 7 values, expected 8"),
+    (json.dumps({"inputs": [[17] * 8] * 8}).encode(), "'inputs' values must be ink counts from 0 to 16, got 17 to 17"),
+    (json.dumps({"image": "***"}).encode(), "'image' is not valid base64"),
+    (json.dumps({"image": base64.b64encode(b"GIF89a").decode()}).encode(), "not a PNG or JPEG image"),
+    (json.dumps({"inputs": [[0] * 8] * 8, "k": 11}).encode(), "k must be a whole number from 1 to 10, got 11"),
+    (json.dumps({"inputs": [[0] * 8] * 8, "k": "three"}).encode(), "k must be a whole number from 1 to 10, got 'three'"),
+    (json.dumps({"pixels": []}).encode(), 'send a PNG/JPEG body, or JSON {"image"'),
+]
+
+
+def test_bad_inputs_fail_alone_with_400(digits_dir: Path) -> None:
+    good = render_digit(_ink(2), (40, 40))
+    batch = [{"body": bytearray(good)}] + [{"body": bytearray(body)} for body, _ in BAD]
+    handler, context = _ready(digits_dir, len(batch))
+    answers = handler.handle(batch, context)
+    assert len(answers) == len(batch)
+    assert answers[0]["predictions"][0]["index"] == int(SPLIT.y_test[2])
+    for idx, (_, message) in enumerate(BAD, start=1):
+        assert answers[idx]["code"] == 400 and message in answers[idx]["message"], answers[idx]
+        assert context.get_response_status(idx)[0] == 400
+
+
+def test_explanation_attributions_add_up_to_the_logit(digits_dir: Path, digits_spec) -> None:  # noqa: ANN001
+    """Integrated Gradients' completeness: attributions sum to f(x) - f(baseline) for the target class."""
+    handler, context = _ready(digits_dir, 1, explain=True)
+    [answer] = handler.handle([{"body": {"inputs": _ink(3).tolist()}}], context)
+    attributions = np.array(answer["attributions"])
+    assert attributions.shape == (8, 8) and np.array(answer["input"]).shape == (8, 8)
+    target = answer["predictions"][0]["index"]
+    model = digits_model(digits_spec.weights)
+    with torch.inference_mode():
+        gap = (model(SPLIT.x_test[3:4])[0, target] - model(torch.zeros(1, 1, 8, 8))[0, target]).item()
+    assert attributions.sum() == pytest.approx(gap, rel=0.05, abs=0.05)
