@@ -79,8 +79,8 @@ class BatchHandler:
         )
 
     # -- per request hooks -------------------------------------------------
-    def decode(self, request: Mapping[str, Any]) -> Decoded:
-        """Turn one request into its rows; raise InvalidInput if it is wrong."""
+    def decode(self, request: Mapping[str, Any], headers: Mapping[str, str]) -> Decoded:
+        """Turn one request (and its HTTP headers, names lower-cased) into rows; raise InvalidInput if it is wrong."""
         raise NotImplementedError
 
     def encode(self, item: Decoded, outputs: torch.Tensor) -> Any:
@@ -100,12 +100,13 @@ class BatchHandler:
         """Decode every request; a bad one becomes its InvalidInput, not the batch's failure."""
         decoded: list[Decoded | InvalidInput] = []
         for idx, request in enumerate(data):
+            headers = _headers(context, idx)
             try:
-                item = self.decode(request)
+                item = self.decode(request, headers)
             except InvalidInput as err:
                 decoded.append(err)
                 continue
-            item.explain = _header(context, idx, EXPLAIN_HEADER) == "True"
+            item.explain = headers.get(EXPLAIN_HEADER) == "True"
             decoded.append(item)
         return decoded
 
@@ -184,11 +185,12 @@ def _fail(context: Any, idx: int, err: HandlerError) -> dict[str, Any]:
     return error_body(err)
 
 
-def _header(context: Any, idx: int, name: str) -> str | None:
+def _headers(context: Any, idx: int) -> dict[str, str]:
     try:
-        return context.get_request_header(idx, name)
+        found = context.get_all_request_header(idx)
     except (AttributeError, IndexError, TypeError):  # no TorchServe request data (plain use)
-        return None
+        return {}
+    return {str(k).lower(): v for k, v in found.items() if isinstance(v, str)}
 
 
 def _prediction_error(message: str, code: int) -> Exception:

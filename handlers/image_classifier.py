@@ -4,7 +4,7 @@ Request, one image each:
     raw PNG/JPEG body                      (curl --data-binary @digit.png)
     {"image": "<base64 PNG/JPEG>", "k": 3}
     {"inputs": [[8 numbers] x 8], "k": 3}  ink counts 0..16, as sklearn's digits.images
-    ?k=5 in the URL also sets k.
+    an ``X-Top-K: 5`` request header also sets k (the only way for a raw image body).
 Response: {"predictions": [{"class": "3", "index": 3, "probability": 0.98}, ...]}  top k.
 /explanations adds "input" (the 8x8 the model saw, 0..1) and "attributions" (8x8).
 
@@ -24,7 +24,9 @@ from handlers.errors import InvalidInput, ModelLoadError
 from handlers.images import GRID, decode_base64, open_image, to_digit_grid
 from handlers.payload import decode_json, parse_rows, request_body
 
-INK_MAX = 16.0  # the digits data set's largest ink count per block
+INK_MAX = 16.0
+#: Raw image bodies carry k in this header (TorchServe 0.12 drops query strings of predictions).
+TOP_K_HEADER = "x-top-k"  # the digits data set's largest ink count per block
 
 
 class ImageClassifierHandler(BatchHandler):
@@ -39,9 +41,9 @@ class ImageClassifierHandler(BatchHandler):
         except (OSError, ValueError, KeyError) as err:
             raise ModelLoadError(f"class names file {path.name} is missing or not an index -> name mapping: {err}") from err
 
-    def decode(self, request: Mapping[str, Any]) -> Decoded:
+    def decode(self, request: Mapping[str, Any], headers: Mapping[str, str]) -> Decoded:
         body = request_body(request)
-        k = request.get("k")
+        k = headers.get(TOP_K_HEADER)
         if isinstance(body, (bytes, bytearray)) and not bytes(body[:64]).lstrip().startswith(b"{"):
             grid = self._image(bytes(body))
         else:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import struct
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -22,6 +23,7 @@ from handlers.errors import InvalidInput
 FRAME = 32
 GRID = 8
 FORMATS = ("PNG", "JPEG")
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 #: Pixels brighter than this fraction of the ink peak count as ink when cropping.
 INK_THRESHOLD = 0.1
 #: An image whose ink is fainter than this (after normalising) is treated as blank.
@@ -51,6 +53,10 @@ def open_image(data: bytes, max_pixels: int) -> np.ndarray:
     try:
         image = Image.open(io.BytesIO(data))  # reads the header only
     except UnidentifiedImageError:
+        if data.startswith(PNG_SIGNATURE) and len(data) >= 24:  # Pillow refuses a 0-pixel PNG as unidentified
+            width, height = struct.unpack(">II", data[16:24])
+            if width == 0 or height == 0:
+                raise InvalidInput(f"image is {width}x{height}: it has no pixels") from None
         raise InvalidInput("request body is not a PNG or JPEG image (nor JSON with 'image' or 'inputs')") from None
     except Image.DecompressionBombError as err:  # Pillow's own ceiling, far above ours
         raise InvalidInput(f"image has more pixels than the limit of {max_pixels}: {err}") from None

@@ -20,7 +20,7 @@ from handlers.payload import decode_json, json_field, parse_rows, request_body
 class TabularHandler(BatchHandler):
     """Rows of ``input_width`` numbers in, one prediction row per input row out."""
 
-    def decode(self, request: Mapping[str, Any]) -> Decoded:
+    def decode(self, request: Mapping[str, Any], headers: Mapping[str, str]) -> Decoded:
         width = int(self.options.get("input_width", 0))
         example = f'{{"inputs": [{width} numbers]}}'
         inputs = json_field(decode_json(request_body(request)), "inputs", example)

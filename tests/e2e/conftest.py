@@ -26,11 +26,12 @@ def free_ports(count: int) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def server(net_archive: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunDir]:
+def server(net_archive: Path, digits_archive: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunDir]:
     base = tmp_path_factory.mktemp("server")
     store = base / "model_store"
     store.mkdir()
-    shutil.copy(net_archive, store)
+    for archive in (net_archive, digits_archive):
+        shutil.copy(archive, store)
     inference, management, metrics = free_ports(3)
     config = ServerConfig(base / "run", store, inference_port=inference, management_port=management, metrics_port=metrics, gpus=0)
     run = start(config)
@@ -47,12 +48,14 @@ class Api:
         self.run = run
         self.session = requests.Session()
 
-    def predict(self, model: str, payload: bytes | str, content_type: str = "application/json", token: str | None = "") -> requests.Response:
+    def predict(
+        self, model: str, payload: bytes | str, content_type: str = "application/json", token: str | None = "", endpoint: str = "predictions"
+    ) -> requests.Response:
         key = self.run.token(TokenKind.INFERENCE) if token == "" else token
         headers = {"Content-Type": content_type}
         if key is not None:
             headers["Authorization"] = f"Bearer {key}"
-        return requests.post(f"{self.run.inference_url}/predictions/{model}", data=payload, headers=headers, timeout=60)
+        return requests.post(f"{self.run.inference_url}/{endpoint}/{model}", data=payload, headers=headers, timeout=60)
 
 
 @pytest.fixture(scope="module")

@@ -101,9 +101,12 @@ def test_image_path_recovers_the_training_grid() -> None:
     assert checked >= 5
 
 
-def test_k_from_the_query_string(digits_dir: Path) -> None:
+def test_k_from_a_request_header(digits_dir: Path) -> None:
+    from ts.context import RequestProcessor
+
     handler, context = _ready(digits_dir, 1)
-    [answer] = handler.handle([{"body": bytearray(render_digit(_ink(1), (32, 32))), "k": bytearray(b"5")}], context)
+    context.request_processor = [RequestProcessor({"X-Top-K": "5"})]
+    [answer] = handler.handle([{"body": bytearray(render_digit(_ink(1), (32, 32)))}], context)
     assert len(answer["predictions"]) == 5
 
 
@@ -114,7 +117,7 @@ def _half(data: bytes) -> bytes:
 BAD = [
     (b"\x00\x01 definitely not an image", "request body is not a PNG or JPEG image"),
     (_half(render_digit(np.random.default_rng(0).uniform(0, 16, (8, 8)), (64, 64))), "image cannot be decoded (truncated or corrupt PNG)"),
-    (_png(0, 10), "image"),
+    (_png(0, 10), "image is 0x10: it has no pixels"),
     (_png(30_000, 1_000), "image is 30000x1000 = 30000000 pixels, more than the limit of 25000000"),
     (_png(100_000, 100_000), "image has more pixels than the limit of 25000000"),
     (render_digit(np.zeros((8, 8)), (20, 20)), "image shows no digit"),

@@ -1,0 +1,109 @@
+"""Ask TorchServe why a model chose a class, and save the answer as a heat-map PNG.
+
+    ts-explain digit.png [more.png ...] [--model digits] [--run-dir run/default]
+
+Posts each image to ``/explanations/<model>`` (Integrated Gradients, computed by
+the handler) and writes ``<image>.explanation.png`` next to it: the image, the
+8x8 input the model saw, and the per-pixel attributions for the predicted class.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from scripts.runinfo import RunDir, ScriptError, TokenKind
+
+CONTENT_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg"}
+
+
+def explain(run: RunDir, model: str, image: Path, timeout: float = 60.0) -> dict[str, Any]:
+    """The handler's explanation for ``image``: predictions, 8x8 input and attributions."""
+    token = run.token(TokenKind.INFERENCE)
+    headers = {"Content-Type": CONTENT_TYPES.get(image.suffix.lower(), "application/octet-stream")}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    url = f"{run.inference_url}/explanations/{model}"
+    try:
+        reply = requests.post(url, data=image.read_bytes(), headers=headers, timeout=timeout)
+    except requests.ConnectionError:
+        raise ScriptError(f"cannot reach TorchServe at {run.inference_url}: is the server running?") from None
+    except OSError as err:
+        raise ScriptError(f"cannot read {image}: {err.strerror}") from None
+    try:
+        body = reply.json()
+    except ValueError:
+        body = {"message": reply.text.strip()}
+    if not reply.ok:
+        raise ScriptError(f"{image.name}: HTTP {reply.status_code}: {body.get('message', body)}")
+    if "attributions" not in body:
+        raise ScriptError(f"{image.name}: model {model!r} answered without attributions")
+    return body
+
+
+def heatmap_path(image: Path) -> Path:
+    """Where the heat-map of ``image`` goes: next to it."""
+    return image.with_name(f"{image.stem}.explanation.png")
+
+
+def save_heatmap(image: Path, result: dict[str, Any], out: Path) -> Path:
+    """Draw the image, the model's 8x8 input and the attributions side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from PIL import Image
+
+    attributions = np.asarray(result["attributions"], dtype=float)
+    limit = float(np.abs(attributions).max()) or 1.0
+    top = result["predictions"][0]
+    fig, axes = plt.subplots(1, 3, figsize=(9, 3.4))
+    with Image.open(image) as sent:
+        axes[0].imshow(sent.convert("RGB"))
+    axes[0].set_title("sent")
+    axes[1].imshow(np.asarray(result["input"]), cmap="gray", vmin=0, vmax=1)
+    axes[1].set_title("model input (8x8 ink)")
+    shown = axes[2].imshow(attributions, cmap="RdBu_r", vmin=-limit, vmax=limit)
+    axes[2].set_title(f"attributions for class {top['class']}")
+    fig.colorbar(shown, ax=axes[2], fraction=0.046)
+    for axis in axes:
+        axis.set_xticks([])
+        axis.set_yticks([])
+    fig.suptitle(f"predicted {top['class']} with probability {top['probability']:.3f} (red: pushed towards it)")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ts-explain", description="Save a heat-map of why the model chose its class.")
+    parser.add_argument("images", nargs="+", type=Path, help="PNG or JPEG files")
+    parser.add_argument("--model", default="digits", help="registered model name (default: %(default)s)")
+    parser.add_argument("--run-dir", type=Path, default=Path(os.environ.get("TS_RUN_DIR", "run/default")), help="the server's folder (default: %(default)s)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    run = RunDir(args.run_dir.resolve())
+    try:
+        for image in args.images:
+            result = explain(run, args.model, image)
+            out = save_heatmap(image, result, heatmap_path(image))
+            top = result["predictions"][0]
+            print(f"{image}: {top['class']} ({top['probability']:.3f}) -> {out}")
+    except ScriptError as err:
+        print(f"ts-explain: error: {err.message}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
