@@ -26,6 +26,7 @@ mar: train
 serve: mar
 	$(BIN)/ts-server start
 	$(BIN)/ts-manage register net.mar --workers 1
+	$(BIN)/ts-manage register digits.mar --workers 1
 	$(BIN)/ts-server info
 
 stop:
