@@ -94,3 +94,18 @@ def test_too_many_rows_is_refused(net_dir: Path) -> None:
     handler, context = _ready(net_dir, 1)
     [answer] = handler.handle([_request({"inputs": [[0] * 10] * 1025})], context)
     assert answer["message"] == "'inputs' has 1025 rows, more than the limit of 1024 rows per request"
+
+
+def test_explanations_of_rows_add_up_to_the_output_change(net_dir: Path) -> None:
+    """/explanations/net: Integrated Gradients per feature; Net is linear, so they are exact."""
+    from ts.context import RequestProcessor
+
+    rows = np.random.default_rng(5).normal(size=(2, 10)).astype(np.float32)
+    handler, context = _ready(net_dir, 1)
+    context.request_processor = [RequestProcessor({"explain": "True"})]
+    [answer] = handler.handle([_request({"inputs": rows.tolist()})], context)
+    attributions = np.array(answer["attributions"])
+    assert attributions.shape == (2, 10)
+    baseline = reference_net(net_dir / "net.pt", np.zeros((1, 10), np.float32))
+    np.testing.assert_allclose(attributions.sum(axis=1), (reference_net(net_dir / "net.pt", rows) - baseline)[:, 0], rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(answer["predictions"], reference_net(net_dir / "net.pt", rows), rtol=1e-5, atol=1e-5)
