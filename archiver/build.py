@@ -1,15 +1,20 @@
-"""Verify a model against its weights, then pack it into a self-contained ``.mar``.
+"""Verify a model, pack it into a self-contained ``.mar``, and measure what was packed.
 
-The archive carries the model file, the state_dict, a ``model-config.yaml``
-and a copy of the ``handlers`` package, so a TorchServe host needs torch and
-nothing of this library to serve it.
+The archive carries the weights (a state_dict, an ONNX file or a torch.export
+program), the model file where one is needed, a ``model-config.yaml`` and a
+copy of the ``handlers`` package, so a TorchServe host needs torch (and
+onnxruntime for ONNX archives), nothing of this library, to serve it. Before an
+archive reaches the store it is unpacked and loaded by the handler's own
+loader, run on the held-out data, and held to its config's fidelity bounds.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 import tempfile
+import zipfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -23,16 +28,22 @@ from model_archiver.model_packaging_utils import ModelExportUtils
 from torch import nn
 
 import handlers
+from archiver import evaluate
 from archiver.errors import ArchiverError
+from archiver.report import write_report
 from archiver.spec import ModelSpec
+from archiver.variants import FORMATS
 from handlers.errors import ModelLoadError
+from handlers.loaders import load_model
 from handlers.runtime import load_eager_model
 
 HANDLERS_DIR = Path(handlers.__file__).parent
+#: Formats whose archive needs the Python model file.
+_NEEDS_MODEL_FILE = {"eager", "int8_dynamic", "int8_static", "half"}
 
 
 def verify(spec: ModelSpec) -> nn.Module:
-    """Load the weights strictly into the model class and run one forward on a sample input.
+    """Load a trained model's weights strictly into its class and run one forward on a sample input.
 
     A wrong weights file or shape fails here, naming the file and the mismatch,
     instead of later as a crash-looping TorchServe worker.
@@ -45,10 +56,14 @@ def verify(spec: ModelSpec) -> nn.Module:
     except ModelLoadError as err:
         hint = " (run `make train` first)" if not spec.weights.exists() else ""
         raise ArchiverError(f"{spec.name}: {err.message}{hint}") from err
-    sample = torch.zeros(spec.sample_shape)
+    _check_sample(spec, model)
+    return model
+
+
+def _check_sample(spec: ModelSpec, model: Any) -> None:
     try:
         with torch.inference_mode():
-            out = model(sample)
+            out = model(torch.zeros(spec.sample_shape))
     except Exception as err:
         raise ArchiverError(
             f"{spec.name}: {spec.model_class} from {spec.model_file.name} with {spec.weights.name} "
@@ -59,24 +74,31 @@ def verify(spec: ModelSpec) -> nn.Module:
         raise ArchiverError(f"{spec.name}: sample of {spec.sample_shape[0]} rows gave output {shape}, expected one output row per input row")
     if not torch.isfinite(out).all():
         raise ArchiverError(f"{spec.name}: {spec.weights.name} gives non-finite outputs on a zero input")
-    return model
 
 
 def model_config(spec: ModelSpec) -> dict[str, Any]:
     """The archive's ``model-config.yaml``: TorchServe's keys plus the handler's options."""
     handler = dict(spec.handler_options)
-    handler.update(model_class=spec.model_class, model_kwargs=dict(spec.model_kwargs))
+    handler.update(
+        model_class=spec.model_class,
+        model_kwargs=dict(spec.model_kwargs),
+        format=FORMATS[spec.kind],
+        sample_shape=list(spec.sample_shape),
+    )
+    if spec.kind == "half":
+        handler["dtype"] = str(spec.variant.get("dtype"))
     return {**dict(spec.serve), "handler": handler}
 
 
-def build(spec: ModelSpec, store: Path) -> Path:
-    """Verify ``spec`` and write ``store/<name>.mar``; returns its path."""
-    verify(spec)
-    for path in (spec.model_file, spec.handler_entry, *spec.extra_files):
+def pack(spec: ModelSpec, store: Path) -> Path:
+    """Write ``store/<name>.mar`` with torch-model-archiver's Python API; no checks."""
+    fmt = FORMATS.get(spec.kind)
+    if fmt is None:
+        raise ArchiverError(f"{spec.source.name}: variant.kind {spec.kind!r} is not one of {sorted(FORMATS)}")
+    for path in (spec.model_file, spec.handler_entry, spec.weights, *spec.extra_files):
         if not path.exists():
-            raise ArchiverError(f"{spec.name}: {path} does not exist (named in {spec.source.name})")
-    store = Path(store).resolve()
-    store.mkdir(parents=True, exist_ok=True)
+            hint = " (run `make train` first)" if path == spec.weights else ""
+            raise ArchiverError(f"{spec.name}: {path} does not exist (named in {spec.source.name}){hint}")
     with tempfile.TemporaryDirectory(prefix=f"mar-{spec.name}-") as tmp:
         work = Path(tmp)
         extra = work / "extra"
@@ -91,7 +113,7 @@ def build(spec: ModelSpec, store: Path) -> Path:
             handler=str(spec.handler_entry),
             version=spec.version,
             serialized_file=str(spec.weights),
-            model_file=str(spec.model_file),
+            model_file=str(spec.model_file) if fmt in _NEEDS_MODEL_FILE else None,
             extra_files=str(extra),
             export_path=str(store),
             force=True,
@@ -106,15 +128,85 @@ def build(spec: ModelSpec, store: Path) -> Path:
     return store / spec.archive_name
 
 
-def build_all(specs: list[ModelSpec], store: Path) -> list[Path]:
-    """Build every spec, printing a progress line per archive."""
-    built = []
+def load_archive(archive: Path, into: Path) -> Any:
+    """Unpack an archive and load its model with the handler's own loader, as a worker would."""
+    with zipfile.ZipFile(archive) as mar:
+        mar.extractall(into)
+    manifest = json.loads((into / "MAR-INF" / "MANIFEST.json").read_text())
+    options = (yaml.safe_load((into / "model-config.yaml").read_text()) or {}).get("handler", {})
+    return load_model(into, manifest, options, torch.device("cpu"))
+
+
+def measure(spec: ModelSpec, model: Any, archive: Path) -> tuple[dict[str, Any], dict[str, float]]:
+    """The report's row (size, parameters, held-out quality, fidelity to fp32, latency) and fp32's quality."""
+    data = evaluate.heldout(spec)
+    outputs = evaluate.run(model, data.x_test)
+    reference = evaluate.run(verify(spec.origin), data.x_test)
+    served = evaluate.served_numbers(outputs, data.task)
+    diff = (served - evaluate.served_numbers(reference, data.task)).abs()
+    params, nonzero = evaluate.count_parameters(spec.weights)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(int(spec.handler_options.get("torch_threads") or 1))  # as a worker runs it
+    try:
+        one, many = (evaluate.latency_ms(model, data.x_test[:1], n) for n in (1, 64))
+    finally:
+        torch.set_num_threads(threads)
+    row = {
+        "name": spec.name,
+        "base": spec.origin.name,
+        "kind": spec.kind if spec.kind != "half" else str(spec.variant.get("dtype")),
+        "format": FORMATS[spec.kind],
+        "archive_bytes": archive.stat().st_size,
+        "weights_bytes": spec.weights.stat().st_size,
+        "parameters": params,
+        "nonzero_parameters": nonzero,
+        **evaluate.quality(outputs, data),
+        "max_abs_diff": diff.max().item(),
+        "mean_abs_diff": diff.mean().item(),
+        "latency_ms_1_row": one,
+        "latency_ms_64_rows": many,
+    }
+    return row, evaluate.quality(reference, data)
+
+
+def build(spec: ModelSpec, store: Path) -> Path:
+    """Verify ``spec`` and write ``store/<name>.mar``; returns its path."""
+    return build_measured(spec, store)[0]
+
+
+def build_measured(spec: ModelSpec, store: Path) -> tuple[Path, dict[str, Any]]:
+    """Build in a scratch folder, load it as a worker would, measure, enforce fidelity, then publish."""
+    if spec.base is None:
+        verify(spec)
+    store = Path(store).resolve()
+    store.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f"check-{spec.name}-") as tmp:
+        scratch = Path(tmp)
+        (scratch / "store").mkdir()
+        archive = pack(spec, scratch / "store")
+        try:
+            model = load_archive(archive, scratch / "unpacked")
+        except ModelLoadError as err:
+            raise ArchiverError(f"{spec.name}: the packed archive does not load: {err.message}") from err
+        _check_sample(spec, model)
+        row, reference = measure(spec, model, archive)
+        evaluate.check_fidelity(spec, row, reference)
+        target = store / spec.archive_name
+        shutil.move(str(archive), target)
+    return target, row
+
+
+def build_all(specs: list[ModelSpec], store: Path, report_md: Path | None = None) -> list[Path]:
+    """Build every spec with a progress line each, then write the fidelity report."""
+    built, rows = [], []
     for i, spec in enumerate(specs, 1):
-        sys.stderr.write(f"[{i}/{len(specs)}] {spec.name}: verifying and packing ...")
+        sys.stderr.write(f"[{i}/{len(specs)}] {spec.name}: verifying, packing, measuring ...")
         sys.stderr.flush()
-        path = build(spec, store)
-        sys.stderr.write(f" {path} ({path.stat().st_size / 1024:.1f} KiB)\n")
+        path, row = build_measured(spec, store)
+        sys.stderr.write(f" {path.name} ({path.stat().st_size / 1024:.1f} KiB)\n")
         built.append(path)
+        rows.append(row)
+    write_report(rows, Path(store) / "report.json", report_md)
     return built
 
 

@@ -23,6 +23,7 @@ def _parser() -> argparse.ArgumentParser:
     b = sub.add_parser("build", help="verify weights and write <store>/<name>.mar")
     b.add_argument("names", nargs="*", help="model names (default: all)")
     b.add_argument("--store", type=Path, default=Path("model_store"), help="output folder (default: %(default)s)")
+    b.add_argument("--report-md", type=Path, default=Path("docs/variants.md"), help="Markdown fidelity table (default: %(default)s)")
     return parser
 
 
@@ -34,11 +35,12 @@ def main(argv: list[str] | None = None) -> int:
             if args.if_stale:
                 specs = [s for s in specs if is_stale(s)]
             for i, spec in enumerate(specs, 1):
-                print(f"[{i}/{len(specs)}] training {spec.name}", file=sys.stderr)
+                verb = "deriving" if spec.base else "training"
+                print(f"[{i}/{len(specs)}] {verb} {spec.name}", file=sys.stderr)
                 result = train(spec)
                 print(f"  {spec.name}: {result.weights} {json.dumps(result.metrics)}", file=sys.stderr)
         else:
-            build_all(specs, args.store)
+            build_all(specs, args.store, args.report_md)
     except ArchiverError as err:
         print(f"\nts-archive: error: {err.message}", file=sys.stderr)
         return 1

@@ -59,10 +59,23 @@ class ModelSpec:
     training: Mapping[str, Any] = field(default_factory=dict)
     serve: Mapping[str, Any] = field(default_factory=dict)
     description: str = ""
+    base: ModelSpec | None = None
+    variant: Mapping[str, Any] = field(default_factory=dict)
+    fidelity: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def archive_name(self) -> str:
         return f"{self.name}.mar"
+
+    @property
+    def kind(self) -> str:
+        """``fp32`` for a trained model, else its variant kind (``int8_dynamic``, ``onnx``, ...)."""
+        return str(self.variant.get("kind", "fp32"))
+
+    @property
+    def origin(self) -> ModelSpec:
+        """The trained fp32 model this spec derives from (itself for a trained model)."""
+        return self.base.origin if self.base else self
 
 
 def load_spec(path: Path, root: Path | None = None) -> ModelSpec:
@@ -78,13 +91,15 @@ def load_spec(path: Path, root: Path | None = None) -> ModelSpec:
     """
     path = Path(path).resolve()
     root = Path(root).resolve() if root else path.parent.parent
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as err:
-        raise ArchiverError(f"{path}: cannot read model config: {err}") from err
-    if not isinstance(raw, dict):
-        raise ArchiverError(f"{path}: a model config must be a YAML mapping")
+    raw = _read(path)
     where = path.name
+    base = None
+    if raw.get("base"):
+        base_path = path.parent / f"{raw['base']}.yaml"
+        if not base_path.is_file():
+            raise ArchiverError(f"{where}: base {raw['base']!r} has no config {base_path.name} beside it")
+        base = load_spec(base_path, root)
+        raw = _inherit(_read(base_path), raw)
 
     def need(mapping: Mapping[str, Any], key: str, section: str = "") -> Any:
         if key not in mapping or mapping[key] in (None, ""):
@@ -121,7 +136,37 @@ def load_spec(path: Path, root: Path | None = None) -> ModelSpec:
         training=section("training"),
         serve=_serve_section(section("serve"), where),
         source=path,
+        base=base,
+        variant=section("variant"),
+        fidelity=section("fidelity"),
     )
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise ArchiverError(f"{path}: cannot read model config: {err}") from err
+    if not isinstance(raw, dict):
+        raise ArchiverError(f"{path}: a model config must be a YAML mapping")
+    return raw
+
+
+#: A variant's weights file is made by the archiver, named after it, with this suffix per kind.
+_SUFFIX = {"onnx": ".onnx", "exported": ".pt2"}
+
+
+def _inherit(base: dict[str, Any], variant: dict[str, Any]) -> dict[str, Any]:
+    """A variant's config: its base's, with the variant's sections merged over it."""
+    merged = {k: v for k, v in base.items() if k not in ("training", "weights", "description", "fidelity")}
+    for key, value in variant.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
+    kind = str((variant.get("variant") or {}).get("kind", ""))
+    merged.setdefault("weights", f"artifacts/{variant.get('name')}{_SUFFIX.get(kind, '.pt')}")
+    return merged
 
 
 def load_specs(config_dir: Path, names: list[str] | None = None) -> list[ModelSpec]:

@@ -128,15 +128,20 @@ RECIPES: dict[str, Callable[[ModelSpec], TrainResult]] = {
 
 
 def is_stale(spec: ModelSpec) -> bool:
-    """True when the weights are missing or older than the config or model file they came from."""
+    """True when the weights are missing or older than the config, model file or base weights they came from."""
     if not spec.weights.exists():
         return True
     built = spec.weights.stat().st_mtime
-    return any(p.stat().st_mtime > built for p in (spec.source, spec.model_file) if p.exists())
+    sources = [spec.source, spec.model_file] + ([spec.base.weights, spec.base.source] if spec.base else [])
+    return any(p.stat().st_mtime > built for p in sources if p.exists()) or (spec.base is not None and is_stale(spec.base))
 
 
 def train(spec: ModelSpec) -> TrainResult:
-    """Train ``spec`` with its recipe and save ``state_dict`` only."""
+    """Train ``spec`` with its recipe and save ``state_dict`` only; a variant is derived from its base."""
+    if spec.base is not None:
+        from archiver.variants import derive
+
+        return TrainResult(derive(spec), {})
     recipe = spec.training.get("recipe")
     if recipe not in RECIPES:
         raise ArchiverError(f"{spec.source.name}: training.recipe {recipe!r} is not one of {sorted(RECIPES)}")

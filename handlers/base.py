@@ -25,7 +25,8 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from handlers.errors import ExplanationsUnavailable, HandlerError, InvalidInput
-from handlers.runtime import default_threads, limit_threads, load_eager_model, select_device
+from handlers.loaders import load_model
+from handlers.runtime import default_threads, limit_threads, select_device
 
 logger = logging.getLogger(__name__)
 
@@ -68,15 +69,8 @@ class BatchHandler:
         logger.info("loaded %s on %s with %d torch threads", context.model_name, self.device, torch.get_num_threads())
 
     def load_model(self, model_dir: Path, manifest: Mapping[str, Any]) -> Model:
-        """Load the archive's eager model; variants override this and nothing else."""
-        entry = manifest.get("model", {})
-        return load_eager_model(
-            model_dir / entry.get("modelFile", ""),
-            self.options.get("model_class", ""),
-            self.options.get("model_kwargs") or {},
-            model_dir / entry.get("serializedFile", ""),
-            self.device,
-        )
+        """Load the archive's model with the loader its ``handler.format`` names (default: eager)."""
+        return load_model(model_dir, manifest, self.options, self.device)
 
     # -- per request hooks -------------------------------------------------
     def decode(self, request: Mapping[str, Any], headers: Mapping[str, str]) -> Decoded:
@@ -118,6 +112,8 @@ class BatchHandler:
 
     def attribute(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Outputs and Integrated Gradients attributions (Captum) for ``batch``."""
+        if getattr(self.model, "differentiable", True) is False:
+            raise ExplanationsUnavailable(f"explanations need gradients, and this archive's {self.options.get('format')} model has none: ask the fp32 model")
         try:
             from captum.attr import IntegratedGradients
         except ImportError:

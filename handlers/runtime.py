@@ -82,7 +82,8 @@ def load_state_dict(weights: Path, device: torch.device | str = "cpu") -> dict[s
         state = torch.load(weights, map_location=device, weights_only=True)
     except Exception as err:
         raise ModelLoadError(f"weights file {weights.name} is not a loadable state_dict: {err}") from err
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+    # Quantized state_dicts also hold dtypes and packed (weight, bias) tuples next to tensors.
+    if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
         raise ModelLoadError(f"weights file {weights.name} holds a {type(state).__name__}, expected a state_dict (name -> tensor)")
     return state
 
