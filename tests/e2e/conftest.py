@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import socket
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
@@ -25,12 +26,12 @@ def free_ports(count: int) -> list[int]:
     return ports
 
 
-@pytest.fixture(scope="module")
-def server(net_archive: Path, digits_archive: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunDir]:
-    base = tmp_path_factory.mktemp("server")
+@contextmanager
+def serving(archives: list[Path], base: Path) -> Iterator[RunDir]:
+    """A TorchServe on free loopback ports whose model store holds ``archives``; stopped on exit."""
     store = base / "model_store"
     store.mkdir()
-    for archive in (net_archive, digits_archive):
+    for archive in archives:
         shutil.copy(archive, store)
     inference, management, metrics = free_ports(3)
     config = ServerConfig(base / "run", store, inference_port=inference, management_port=management, metrics_port=metrics, gpus=0)
@@ -39,6 +40,12 @@ def server(net_archive: Path, digits_archive: Path, tmp_path_factory: pytest.Tem
         yield run
     finally:
         stop(run.path)
+
+
+@pytest.fixture(scope="module")
+def server(net_archive: Path, digits_archive: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunDir]:
+    with serving([net_archive, digits_archive], tmp_path_factory.mktemp("server")) as run:
+        yield run
 
 
 class Api:

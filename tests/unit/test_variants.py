@@ -1,0 +1,129 @@
+"""Variants: each built from the fp32 weights, served by the shared handlers, within its bound."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import VariantBuild, digits_model, make_context, reference_net, unpack
+
+from archiver import ArchiverError, ModelSpec, train
+from archiver.build import build_measured
+from archiver.datasets import load_digits_split, make_regression
+from handlers.image_classifier import ImageClassifierHandler
+from handlers.tabular import TabularHandler
+
+EXPECTED = {
+    "net": {"int8_dynamic", "float16", "bfloat16", "pruned", "pruned_structured", "distilled", "onnx", "exported"},
+    "digits": {"int8_dynamic", "int8_static", "float16", "bfloat16", "pruned", "pruned_structured", "distilled", "onnx", "exported"},
+}
+
+
+def test_every_variant_of_both_models_builds(variant_builds: dict[str, VariantBuild]) -> None:
+    for base, kinds in EXPECTED.items():
+        assert {b.row["kind"] for b in variant_builds.values() if b.row["base"] == base} == kinds
+
+
+def _served_net(build: VariantBuild, tmp_path: Path, rows: np.ndarray) -> np.ndarray:
+    folder = unpack(build.archive, tmp_path / build.spec.name)
+    handler = TabularHandler()
+    context = make_context(folder, 1)
+    handler.initialize(context)
+    [answer] = handler.handle([{"body": {"inputs": rows.tolist()}}], context)
+    return np.array(answer["predictions"])
+
+
+def test_net_variants_answer_within_their_bound_of_fp32(variant_builds: dict[str, VariantBuild], net_spec: ModelSpec, tmp_path: Path) -> None:
+    cfg = net_spec.training
+    rows = make_regression(cfg["seed"], cfg["samples"], 10, cfg["holdout"], cfg["noise"]).x_test[:64].numpy()
+    fp32 = reference_net(net_spec.weights, rows)
+    for build in (b for b in variant_builds.values() if b.row["base"] == "net"):
+        served = _served_net(build, tmp_path, rows)
+        assert served.shape == fp32.shape
+        assert np.abs(served - fp32).max() <= build.spec.fidelity["max_abs_diff"], build.spec.name
+
+
+def test_digits_variants_answer_within_their_bound_of_fp32(variant_builds: dict[str, VariantBuild], digits_spec: ModelSpec, tmp_path: Path) -> None:
+    images = load_digits_split(0, 0.2).x_test[:32]
+    with torch.inference_mode():
+        fp32 = torch.softmax(digits_model(digits_spec.weights)(images), dim=1).numpy()
+    batch = [{"body": {"inputs": (image[0] * 16).tolist(), "k": 10}} for image in images]
+    for build in (b for b in variant_builds.values() if b.row["base"] == "digits"):
+        folder = unpack(build.archive, tmp_path / build.spec.name)
+        handler, context = ImageClassifierHandler(), make_context(folder, len(batch))
+        handler.initialize(context)
+        answers = handler.handle(batch, context)
+        served = np.array([[{p["index"]: p["probability"] for p in a["predictions"]}[i] for i in range(10)] for a in answers])
+        assert np.abs(served - fp32).max() <= build.spec.fidelity.get("max_abs_diff", 1.0), build.spec.name
+
+
+def test_digits_quantized_and_structured_archives_are_smaller(variant_builds: dict[str, VariantBuild], digits_archive: Path) -> None:
+    fp32 = digits_archive.stat().st_size
+    for name in ("digits_int8", "digits_int8_static", "digits_pruned_structured", "digits_distilled"):
+        assert variant_builds[name].archive.stat().st_size < 0.7 * fp32, name
+        assert variant_builds[name].row["archive_bytes"] == variant_builds[name].archive.stat().st_size
+    assert variant_builds["digits_pruned_structured"].row["parameters"] == 21_546  # 64 -> 32 hidden units
+
+
+def test_unstructured_pruning_is_half_zeros(variant_builds: dict[str, VariantBuild]) -> None:
+    for name in ("net_pruned", "digits_pruned"):
+        build = variant_builds[name]
+        state = torch.load(build.spec.weights, weights_only=True)
+        weights = [v for k, v in state.items() if k.endswith("weight")]
+        zeros = sum(int((w == 0).sum()) for w in weights)
+        assert zeros == sum(round(w.numel() * 0.5) for w in weights)  # exactly the configured 50% per layer
+        total = sum(v.numel() for v in state.values())
+        assert (build.row["parameters"], build.row["nonzero_parameters"]) == (total, total - zeros - sum(int((v == 0).sum()) for k, v in state.items() if not k.endswith("weight")))
+
+
+def test_onnx_and_exported_archives_carry_no_python_model(variant_builds: dict[str, VariantBuild]) -> None:
+    for name, weights in (("net_onnx", "net_onnx.onnx"), ("digits_exported", "digits_exported.pt2")):
+        with zipfile.ZipFile(variant_builds[name].archive) as mar:
+            manifest = json.loads(mar.read("MAR-INF/MANIFEST.json"))["model"]
+        assert "modelFile" not in manifest and manifest["serializedFile"] == weights
+
+
+def test_int8_archive_holds_the_quantized_state_dict(variant_builds: dict[str, VariantBuild]) -> None:
+    with zipfile.ZipFile(variant_builds["digits_int8"].archive) as mar:
+        names = mar.namelist()
+    assert "digits_int8.pt" in names
+    state = torch.load(variant_builds["digits_int8"].spec.weights, weights_only=True)
+    packed = state["classifier.1._packed_params._packed_params"]
+    assert packed[0].dtype == torch.qint8  # int8 weights in the file, not fp32 re-quantized at load
+
+
+def test_same_seed_same_student_and_same_report(variant_builds: dict[str, VariantBuild], tmp_path: Path) -> None:
+    for name in ("digits_distilled", "net_pruned_structured"):
+        build = variant_builds[name]
+        again = dataclasses.replace(build.spec, weights=tmp_path / build.spec.weights.name)
+        train(again)
+        assert again.weights.read_bytes() == build.spec.weights.read_bytes()
+        _, row = build_measured(again, tmp_path / "store")
+        timing = ("latency_ms_1_row", "latency_ms_64_rows", "archive_bytes")
+        assert {k: v for k, v in row.items() if k not in timing} == {k: v for k, v in build.row.items() if k not in timing}
+
+
+def test_a_variant_missing_its_bound_is_refused(variant_builds: dict[str, VariantBuild], tmp_path: Path) -> None:
+    build = variant_builds["net_int8"]
+    strict = dataclasses.replace(build.spec, fidelity={"max_abs_diff": 1e-6})
+    with pytest.raises(ArchiverError) as err:
+        build_measured(strict, tmp_path)
+    assert f"net_int8: misses its fidelity bound (net_int8.yaml): max_abs_diff {build.row['max_abs_diff']:.4g} exceeds 1e-06 by" in err.value.message
+    assert not (tmp_path / "net_int8.mar").exists()
+
+
+def test_quantized_models_refuse_explanations_with_501(variant_builds: dict[str, VariantBuild], tmp_path: Path) -> None:
+    from ts.context import RequestProcessor
+
+    folder = unpack(variant_builds["net_int8"].archive, tmp_path / "int8")
+    handler, context = TabularHandler(), make_context(folder, 1)
+    handler.initialize(context)
+    context.request_processor = [RequestProcessor({"explain": "True"})]
+    [answer] = handler.handle([{"body": {"inputs": [0.0] * 10}}], context)
+    assert answer["code"] == 501 and "explanations need gradients" in answer["message"]
