@@ -45,6 +45,9 @@ test-unit: setup
 test-e2e: setup
 	$(BIN)/pytest tests/e2e
 
+bench: mar
+	$(BIN)/python -m scripts.bench
+
 lint: setup
 	$(BIN)/ruff check handlers archiver scripts tests
 

@@ -64,7 +64,7 @@ def load_digits_split(seed: int, holdout: float) -> DigitsSplit:
         digits.images, digits.target, test_size=holdout, random_state=seed, stratify=digits.target
     )
 
-    def images(a: "object") -> torch.Tensor:
+    def images(a: object) -> torch.Tensor:
         return torch.tensor(a, dtype=torch.float32).unsqueeze(1) / DIGITS_MAX
 
     return DigitsSplit(images(x_train), torch.tensor(y_train), images(x_test), torch.tensor(y_test))

@@ -7,10 +7,11 @@ Paths in the YAML are relative to the project root (the folder that holds
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import yaml
 

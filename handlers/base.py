@@ -18,9 +18,10 @@ Example:
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -128,7 +129,7 @@ class BatchHandler:
 
     def postprocess(self, items: Sequence[Decoded], outputs: Sequence[torch.Tensor]) -> list[Any]:
         """Encode each request's own rows."""
-        return [self.encode(item, rows) for item, rows in zip(items, outputs)]
+        return [self.encode(item, rows) for item, rows in zip(items, outputs, strict=True)]
 
     def handle(self, data: Sequence[Mapping[str, Any]], context: Any) -> list[Any]:
         """TorchServe's entry point: returns exactly one answer per request, in order."""
@@ -143,7 +144,7 @@ class BatchHandler:
                 continue
             items = [decoded[i] for i in group]
             try:
-                for i, body in zip(group, self._run(items, explain)):
+                for i, body in zip(group, self._run(items, explain), strict=True):
                     answers[i] = body
             except ExplanationsUnavailable as err:
                 for i in group:
@@ -163,7 +164,7 @@ class BatchHandler:
             # The client did nothing wrong: keep details in the log, not the answer.
             logger.exception("%s failed", "explanation" if explain else "inference")
             raise _prediction_error("inference failed: internal error, see the model log", 500) from err
-        pairs = zip(items, torch.split(outputs, sizes), torch.split(attributions, sizes))
+        pairs = zip(items, torch.split(outputs, sizes), torch.split(attributions, sizes), strict=True)
         return [self.encode_explanation(item, out, attr) for item, out, attr in pairs]
 
     def _on_device(self, target: torch.Tensor | int) -> torch.Tensor | int:

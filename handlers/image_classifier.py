@@ -14,7 +14,8 @@ TorchServe's loader wants exactly one class defined in this module.
 from __future__ import annotations
 
 import json
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -60,7 +61,7 @@ class ImageClassifierHandler(BatchHandler):
         return {
             "predictions": [
                 {"class": self.names[i], "index": i, "probability": p}
-                for p, i in zip(top.values.tolist(), top.indices.tolist())
+                for p, i in zip(top.values.tolist(), top.indices.tolist(), strict=True)
             ]
         }
 

@@ -9,7 +9,8 @@ helper lives in other modules of the ``handlers`` package.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 

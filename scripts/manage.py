@@ -12,7 +12,6 @@ failure is one line on stderr and exit status 1.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import sys

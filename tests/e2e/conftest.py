@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import shutil
 import socket
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import requests

@@ -12,14 +12,13 @@ import requests
 import torch
 from PIL import Image
 
-from tests.conftest import digits_model, render_digit
-from tests.e2e.conftest import Api
-from tests.e2e.test_serve import ts_manage
-
 from archiver.datasets import load_digits_split
 from handlers.images import open_image, to_digit_grid
 from scripts import explain
 from scripts.runinfo import RunDir, TokenKind
+from tests.conftest import digits_model, render_digit
+from tests.e2e.conftest import Api
+from tests.e2e.test_serve import ts_manage
 
 SPLIT = load_digits_split(0, 0.2)
 INK = (SPLIT.x_test[:, 0] * 16).numpy()
@@ -55,7 +54,7 @@ def test_served_image_predictions_equal_in_process(digits: RunDir, api: Api, mod
     pictures = [render_digit(INK[i], size, fmt, dark_on_light, rgb) for i in range(24)]
     replies = _many(api, [(p, f"image/{fmt.lower()}") for p in pictures])
     expected = _in_process(model, np.stack([to_digit_grid(open_image(p, 10**8)) for p in pictures]))
-    for reply, probabilities in zip(replies, expected):
+    for reply, probabilities in zip(replies, expected, strict=True):
         assert reply.status_code == 200, reply.text
         top = reply.json()["predictions"]
         assert len(top) == 3 and top[0]["index"] == int(probabilities.argmax())

@@ -12,11 +12,10 @@ import numpy as np
 import pytest
 import requests
 
-from tests.conftest import reference_net
-from tests.e2e.conftest import Api, free_ports
-
 from scripts import manage
 from scripts.runinfo import RunDir, TokenKind
+from tests.conftest import reference_net
+from tests.e2e.conftest import Api, free_ports
 
 
 def ts_manage(run: RunDir, *args: str) -> subprocess.CompletedProcess:
@@ -110,7 +109,7 @@ def test_batched_model_answers_concurrent_good_and_bad_requests(registered: RunD
             payloads.append((json.dumps({"inputs": rows.tolist()}), rows))
     with ThreadPoolExecutor(max_workers=16) as pool:
         replies = list(pool.map(lambda p: api.predict("net_batched", p[0]), payloads))
-    for (_, rows), reply in zip(payloads, replies):
+    for (_, rows), reply in zip(payloads, replies, strict=True):
         if rows is None:
             assert reply.status_code == 400, reply.text
         else:

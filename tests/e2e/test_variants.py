@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pytest
 import torch
 
+from archiver.datasets import load_digits_split
+from scripts.runinfo import RunDir
 from tests.conftest import VariantBuild, digits_model, reference_net
 from tests.e2e.conftest import Api, serving
 from tests.e2e.test_serve import ts_manage
-
-from archiver.datasets import load_digits_split
-from scripts.runinfo import RunDir
 
 NAMES = sorted(p.stem for p in (Path(__file__).resolve().parents[2] / "model_configs").glob("*_*.yaml"))
 ROWS = np.random.default_rng(7).normal(size=(16, 10)).astype(np.float32)
@@ -49,7 +48,7 @@ def test_variant_serves_within_its_bound(name: str, variant_builds: dict[str, Va
         else:
             with torch.inference_mode():
                 fp32 = torch.softmax(digits_model(digits_spec.weights)(IMAGES), dim=1).numpy()
-            for image, expected in zip(IMAGES, fp32):
+            for image, expected in zip(IMAGES, fp32, strict=True):
                 reply = variant_api.predict(name, json.dumps({"inputs": (image[0] * 16).tolist(), "k": 10}))
                 assert reply.status_code == 200, reply.text
                 served = {p["index"]: p["probability"] for p in reply.json()["predictions"]}

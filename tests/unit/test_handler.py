@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import make_context, reference_net
-
 from handlers.tabular import TabularHandler
+from tests.conftest import make_context, reference_net
 
 
 def _ready(net_dir: Path, batch: int) -> tuple[TabularHandler, object]:
@@ -60,7 +59,7 @@ def test_batch_mixes_good_and_bad_requests_and_keeps_order(net_dir: Path) -> Non
     handler, context = _ready(net_dir, len(batch))
     answers = handler.handle(batch, context)
     assert len(answers) == len(batch)
-    for idx, rows in zip((0, 2, 4), good):
+    for idx, rows in zip((0, 2, 4), good, strict=True):
         np.testing.assert_allclose(answers[idx]["predictions"], reference_net(net_dir / "net.pt", rows.astype(np.float32)), rtol=1e-5, atol=1e-5)
         assert context.get_response_status(idx)[0] == 200
     assert answers[1] == {"code": 400, "type": "InvalidInput", "message": "request body is not valid JSON: Expecting value at line 1 column 1"}

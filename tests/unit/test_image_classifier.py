@@ -12,12 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import digits_model, make_context, render_digit
-
 from archiver.datasets import load_digits_split
 from archiver.training import metrics_path
 from handlers.image_classifier import ImageClassifierHandler
 from handlers.images import open_image, to_digit_grid
+from tests.conftest import digits_model, make_context, render_digit
 
 SPLIT = load_digits_split(0, 0.2)
 

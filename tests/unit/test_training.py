@@ -8,11 +8,10 @@ from pathlib import Path
 
 import numpy as np
 
-from tests.conftest import reference_net
-
 from archiver import ModelSpec, train
 from archiver.datasets import make_regression
 from archiver.training import is_stale, metrics_path
+from tests.conftest import reference_net
 
 
 def test_same_seed_gives_the_same_weights_file(net_spec: ModelSpec, tmp_path: Path) -> None:

@@ -11,13 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import VariantBuild, digits_model, make_context, reference_net, unpack
-
 from archiver import ArchiverError, ModelSpec, train
 from archiver.build import build_measured
 from archiver.datasets import load_digits_split, make_regression
 from handlers.image_classifier import ImageClassifierHandler
 from handlers.tabular import TabularHandler
+from tests.conftest import VariantBuild, digits_model, make_context, reference_net, unpack
 
 EXPECTED = {
     "net": {"int8_dynamic", "float16", "bfloat16", "pruned", "pruned_structured", "distilled", "onnx", "exported"},
