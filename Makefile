@@ -49,7 +49,7 @@ bench: mar
 	$(BIN)/python -m scripts.bench
 
 lint: setup
-	$(BIN)/ruff check handlers archiver scripts tests
+	$(BIN)/ruff check handlers archiver scripts tests models
 
 clean: stop
 	rm -rf model_store artifacts run

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import socket
 import statistics
 import sys
 import threading
@@ -25,7 +24,7 @@ import requests
 from archiver.report import machine
 from scripts import manage
 from scripts.runinfo import RunDir, ScriptError, TokenKind
-from scripts.server import ServerConfig, start, stop
+from scripts.server import ServerConfig, free_ports, start, stop
 
 DEFAULT_MODELS = "net,net_int8,net_onnx,net_exported,digits,digits_int8,digits_int8_static,digits_bf16,digits_pruned_structured,digits_distilled,digits_onnx,digits_exported"
 ROW = json.dumps({"inputs": [0.1, -0.2, 0.3, 0.0, 1.5, -1.0, 0.7, 0.2, -0.4, 0.9]}).encode()
@@ -75,16 +74,6 @@ def drive(run: RunDir, model: str, payload: tuple[bytes, str], seconds: float, c
     return Result(model, len(latencies), errors[0], time.monotonic() - started, latencies)
 
 
-def _free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ts-bench", description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=DEFAULT_MODELS, help="comma-separated archive names in the model store")
@@ -92,6 +81,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--seconds", type=float, default=10.0, help="measured seconds per model (default: %(default)s)")
     parser.add_argument("--warmup", type=float, default=30.0, help="seconds of warm-up traffic over all models (default: %(default)s)")
     parser.add_argument("--clients", type=int, default=4, help="concurrent clients (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=1, help="TorchServe batch size per model (default: %(default)s; the archives' own batching waits up to maxBatchDelay)")
+    parser.add_argument("--max-batch-delay", type=int, default=5, help="ms to wait to fill a batch (default: %(default)s)")
     parser.add_argument("--image", type=Path, default=Path("docs/images/digit.png"))
     parser.add_argument("--out", type=Path, default=Path("docs/bench.md"))
     return parser
@@ -100,7 +91,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     models = [m for m in args.models.split(",") if m]
-    inference, management, metrics = _free_ports(3)
+    inference, management, metrics = free_ports(3)
     config = ServerConfig(Path("run/bench"), args.model_store, inference_port=inference, management_port=management, metrics_port=metrics)
     try:
         run = start(config)
@@ -110,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for i, model in enumerate(models, 1):
             print(f"[{i}/{len(models)}] registering {model}", file=sys.stderr)
-            if manage.main(["--run-dir", str(run.path), "register", f"{model}.mar", "--workers", "1"]) != 0:
+            batching = ["--batch-size", str(args.batch_size), "--max-batch-delay", str(args.max_batch_delay)]
+            if manage.main(["--run-dir", str(run.path), "register", f"{model}.mar", "--workers", "1", *batching]) != 0:
                 return 1
         print(f"warming up the frontend for {args.warmup:.0f}s ...", file=sys.stderr)
         share = args.warmup / len(models)
@@ -127,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         "# HTTP benchmark",
         "",
         f"`make bench` on {machine()}, {datetime.date.today().isoformat()}: one TorchServe, one worker per model",
+        f"(batch size {args.batch_size}, max batch delay {args.max_batch_delay} ms)",
         f"(one torch thread each), {args.clients} concurrent clients with keep-alive, {args.seconds:.0f} s per model after",
         f"{args.warmup:.0f} s of warm-up over all models. `net_*`: one JSON row; `digits_*`: a 96x96 PNG.",
         "Repeats here differ by up to 30%: compare rows of one run.",

