@@ -13,7 +13,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -85,11 +84,15 @@ def train_regression(spec: ModelSpec) -> TrainResult:
 
 def _remade_through_image_path(images: torch.Tensor) -> torch.Tensor:
     """Each 8x8 digit blown up to a 32x32 picture and converted back as served images are."""
+    from PIL import Image
+
     from handlers.images import to_digit_grid
 
-    blocks = np.ones((4, 4), dtype=np.float32)
-    grids = [to_digit_grid(np.kron(image[0].numpy(), blocks)) for image in images]
-    return torch.from_numpy(np.stack(grids)).unsqueeze(1)
+    def picture(image: torch.Tensor) -> Image.Image:
+        pixels = (image[0].repeat_interleave(4, 0).repeat_interleave(4, 1) * 255).round().to(torch.uint8)
+        return Image.fromarray(pixels.numpy(), "L")
+
+    return torch.stack([to_digit_grid(picture(image)) for image in images]).unsqueeze(1)
 
 
 def train_digits(spec: ModelSpec) -> TrainResult:

@@ -9,7 +9,7 @@ here, once.
 Example:
     class TabularHandler(BatchHandler):
         def decode(self, request):
-            return Decoded(torch.from_numpy(parse_rows(...)))
+            return Decoded(parse_rows(...))
 
         def encode(self, item, outputs):
             return {"predictions": outputs.tolist()}

@@ -17,7 +17,6 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
 import torch
 
 from handlers.base import BatchHandler, Decoded
@@ -53,7 +52,7 @@ class ImageClassifierHandler(BatchHandler):
                 raise InvalidInput('send a PNG/JPEG body, or JSON {"image": "<base64>"} or {"inputs": [[8 numbers] x 8]}')
             k = document.get("k", k)
             grid = self._image(decode_base64(document["image"])) if "image" in document else _ink_grid(document["inputs"])
-        return Decoded(torch.from_numpy(grid).reshape(1, 1, GRID, GRID), {"k": self._k(k)})
+        return Decoded(grid.reshape(1, 1, GRID, GRID), {"k": self._k(k)})
 
     def encode(self, item: Decoded, outputs: torch.Tensor) -> dict[str, Any]:
         probabilities = torch.softmax(outputs[0], dim=0)
@@ -72,7 +71,7 @@ class ImageClassifierHandler(BatchHandler):
             "attributions": attributions.reshape(GRID, GRID).tolist(),
         }
 
-    def _image(self, data: bytes) -> np.ndarray:
+    def _image(self, data: bytes) -> torch.Tensor:
         return to_digit_grid(open_image(data, int(self.options.get("max_pixels", 25_000_000))))
 
     def _k(self, value: Any) -> int:
@@ -90,10 +89,11 @@ class ImageClassifierHandler(BatchHandler):
         return k
 
 
-def _ink_grid(inputs: Any) -> np.ndarray:
+def _ink_grid(inputs: Any) -> torch.Tensor:
     rows = parse_rows(inputs, width=GRID, max_rows=max(GRID, len(inputs) if isinstance(inputs, list) else 0))
     if rows.shape[0] != GRID:
         raise InvalidInput(f"'inputs' must be {GRID} rows of {GRID} numbers, got {rows.shape[0]} row(s)")
-    if rows.min() < 0 or rows.max() > INK_MAX:
-        raise InvalidInput(f"'inputs' values must be ink counts from 0 to {INK_MAX:g}, got {rows.min():g} to {rows.max():g}")
+    low, high = rows.min().item(), rows.max().item()
+    if low < 0 or high > INK_MAX:
+        raise InvalidInput(f"'inputs' values must be ink counts from 0 to {INK_MAX:g}, got {low:g} to {high:g}")
     return rows / INK_MAX

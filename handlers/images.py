@@ -1,5 +1,8 @@
 """Turn an uploaded image into the digits model's 8x8 input.
 
+Pillow and torch only (both on every TorchServe host); no numpy, which torch
+does not require.
+
 scikit-learn's digits were made from 32x32 binary bitmaps, normalised so the
 digit's height fills the frame, by counting the ink pixels in each 4x4 block
 (0..16). An uploaded image goes the same way: find the paper and the ink
@@ -13,10 +16,11 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import statistics
 import struct
 
-import numpy as np
-from PIL import Image, UnidentifiedImageError
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from handlers.errors import InvalidInput
 
@@ -42,8 +46,8 @@ def decode_base64(text: object) -> bytes:
         raise InvalidInput(f"'image' is not valid base64: {err}") from None
 
 
-def open_image(data: bytes, max_pixels: int) -> np.ndarray:
-    """Decode PNG or JPEG bytes into a grey float array in [0, 1] (transparent areas become white).
+def open_image(data: bytes, max_pixels: int) -> Image.Image:
+    """Decode PNG or JPEG bytes into a grey ("L") image; transparent areas become white paper.
 
     Raises:
         InvalidInput: not an image, another format, zero-size, over ``max_pixels``, or truncated.
@@ -76,33 +80,45 @@ def open_image(data: bytes, max_pixels: int) -> np.ndarray:
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         paper = Image.new("RGBA", image.size, (255, 255, 255, 255))
         image = Image.alpha_composite(paper, image.convert("RGBA"))
-    return np.asarray(image.convert("L"), dtype=np.float32) / 255.0
+    return image.convert("L")
 
 
-def ink_map(grey: np.ndarray) -> np.ndarray:
-    """Ink intensity in [0, 1] whatever the polarity: the paper is what the border mostly shows."""
-    border = np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])
-    ink = 1.0 - grey if np.median(border) > 0.5 else grey
-    paper = float(np.median(np.concatenate([ink[0], ink[-1], ink[:, 0], ink[:, -1]])))
-    ink = ink - paper
-    peak = float(ink.max())
-    if peak < MIN_CONTRAST:
+def _pixels(image: Image.Image) -> list[float]:
+    # Pillow 12.1 renamed getdata (deprecated since) to get_flattened_data; hosts may have either.
+    flat = getattr(image, "get_flattened_data", None)
+    return list(flat() if flat else image.getdata())
+
+
+def _border(image: Image.Image) -> list[int]:
+    width, height = image.size
+    strips = [(0, 0, width, 1), (0, height - 1, width, height), (0, 0, 1, height), (width - 1, 0, width, height)]
+    return [v for box in strips for v in _pixels(image.crop(box))]
+
+
+def ink_map(grey: Image.Image) -> Image.Image:
+    """Ink intensity 0..255 whatever the polarity: the paper is what the border mostly shows.
+
+    Dark ink on light paper is inverted; the paper level is subtracted and the
+    ink stretched to its peak, so a grey photo and a crisp scan look alike.
+    """
+    ink = ImageOps.invert(grey) if statistics.median(_border(grey)) > 127.5 else grey
+    paper = statistics.median(_border(ink))
+    peak = ink.getextrema()[1] - paper
+    if peak < MIN_CONTRAST * 255:
         raise InvalidInput("image shows no digit: no ink stands out from the paper")
-    return np.clip(ink / peak, 0.0, 1.0)
+    return ink.point([min(255, max(0, round((v - paper) * 255 / peak))) for v in range(256)])
 
 
-def to_digit_grid(grey: np.ndarray) -> np.ndarray:
+def to_digit_grid(grey: Image.Image) -> torch.Tensor:
     """The (8, 8) ink fractions in [0, 1], made the way the training data was made."""
     ink = ink_map(grey)
-    rows = np.flatnonzero((ink > INK_THRESHOLD).any(axis=1))
-    cols = np.flatnonzero((ink > INK_THRESHOLD).any(axis=0))
-    crop = ink[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
-    height, width = crop.shape
+    box = ink.point([255 if v > INK_THRESHOLD * 255 else 0 for v in range(256)]).getbbox()
+    crop = ink.crop(box).convert("F")
+    width, height = crop.size
     scale = min(FRAME / height, FRAME / width)
     size = (max(1, min(FRAME, round(width * scale))), max(1, min(FRAME, round(height * scale))))
-    resized = np.asarray(Image.fromarray(crop.astype(np.float32), mode="F").resize(size, Image.Resampling.BOX))
-    frame = np.zeros((FRAME, FRAME), dtype=np.float32)
-    top, left = (FRAME - size[1]) // 2, (FRAME - size[0]) // 2
-    frame[top : top + size[1], left : left + size[0]] = resized
-    block = FRAME // GRID
-    return np.clip(frame.reshape(GRID, block, GRID, block).mean(axis=(1, 3)), 0.0, 1.0)
+    frame = Image.new("F", (FRAME, FRAME), 0.0)
+    frame.paste(crop.resize(size, Image.Resampling.BOX), ((FRAME - size[0]) // 2, (FRAME - size[1]) // 2))
+    # A 4x4 box average of the 32x32 frame: the ink fraction of each block, as the data set counted it.
+    grid = frame.resize((GRID, GRID), Image.Resampling.BOX)
+    return (torch.tensor(_pixels(grid), dtype=torch.float32).reshape(GRID, GRID) / 255.0).clamp(0.0, 1.0)

@@ -1,5 +1,6 @@
 """Turn request bodies into validated numeric rows.
 
+Only the standard library and torch: a TorchServe host need not have numpy.
 TorchServe hands each request to the handler as a dict whose ``body`` (or
 ``data``) is bytes, text, or JSON already decoded by the worker when the
 client said ``Content-Type: application/json``. Everything here raises
@@ -13,12 +14,12 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
+import torch
 
 from handlers.errors import InvalidInput
 
 _BODY_KEYS = ("body", "data")
-_FLOAT32_MAX = float(np.finfo(np.float32).max)
+_FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
 def request_body(request: Mapping[str, Any]) -> Any:
@@ -68,8 +69,8 @@ def json_field(document: Any, key: str, example: str) -> Any:
     return document[key]
 
 
-def parse_rows(inputs: Any, width: int, max_rows: int) -> np.ndarray:
-    """Validate ``inputs`` (one row or a list of rows) into a float32 array of shape (n, width).
+def parse_rows(inputs: Any, width: int, max_rows: int) -> torch.Tensor:
+    """Validate ``inputs`` (one row or a list of rows) into a float32 tensor of shape (n, width).
 
     Args:
         inputs: the decoded ``inputs`` value: ``[x1, ..., xw]`` or ``[[...], [...]]``.
@@ -92,13 +93,10 @@ def parse_rows(inputs: Any, width: int, max_rows: int) -> np.ndarray:
         raise InvalidInput("'inputs' mixes numbers and lists: send one row of numbers or a list of rows, not both")
     if len(rows) > max_rows:
         raise InvalidInput(f"'inputs' has {len(rows)} rows, more than the limit of {max_rows} rows per request")
-    out = np.empty((len(rows), width), dtype=np.float32)
     for r, row in enumerate(rows):
         if len(row) != width:
             raise InvalidInput(f"row {r} has {len(row)} values, expected {width}")
-        for c, value in enumerate(row):
-            out[r, c] = _number(value, r, c)
-    return out
+    return torch.tensor([[_number(value, r, c) for c, value in enumerate(row)] for r, row in enumerate(rows)], dtype=torch.float32)
 
 
 def _number(value: Any, row: int, col: int) -> float:

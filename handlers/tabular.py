@@ -26,7 +26,7 @@ class TabularHandler(BatchHandler):
         example = f'{{"inputs": [{width} numbers]}}'
         inputs = json_field(decode_json(request_body(request)), "inputs", example)
         rows = parse_rows(inputs, width, int(self.options.get("max_rows", 1024)))
-        return Decoded(torch.from_numpy(rows))
+        return Decoded(rows)
 
     def encode(self, item: Decoded, outputs: torch.Tensor) -> dict[str, Any]:
         return {"predictions": outputs.tolist()}

@@ -24,7 +24,7 @@ import requests
 from archiver.report import machine
 from scripts import manage
 from scripts.runinfo import RunDir, ScriptError, TokenKind
-from scripts.server import ServerConfig, free_ports, start, stop
+from scripts.server import isolated, start, stop
 
 DEFAULT_MODELS = "net,net_int8,net_onnx,net_exported,digits,digits_int8,digits_int8_static,digits_bf16,digits_pruned_structured,digits_distilled,digits_onnx,digits_exported"
 ROW = json.dumps({"inputs": [0.1, -0.2, 0.3, 0.0, 1.5, -1.0, 0.7, 0.2, -0.4, 0.9]}).encode()
@@ -91,8 +91,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     models = [m for m in args.models.split(",") if m]
-    inference, management, metrics = free_ports(3)
-    config = ServerConfig(Path("run/bench"), args.model_store, inference_port=inference, management_port=management, metrics_port=metrics)
+    config = isolated(Path("run/bench"), args.model_store)
     try:
         run = start(config)
     except ScriptError as err:

@@ -39,6 +39,8 @@ class ServerConfig:
     inference_port: int = 8080
     management_port: int = 8081
     metrics_port: int = 8082
+    grpc_inference_port: int = 7070
+    grpc_management_port: int = 7071
     gpus: int = 0
     token_expiration_min: int = 60
 
@@ -50,6 +52,11 @@ class ServerConfig:
             "inference_address": f"http://{self.host}:{self.inference_port}",
             "management_address": f"http://{self.host}:{self.management_port}",
             "metrics_address": f"http://{self.host}:{self.metrics_port}",
+            # TorchServe always opens its gRPC APIs too: loopback, and ports of their own.
+            "grpc_inference_address": self.host,
+            "grpc_management_address": self.host,
+            "grpc_inference_port": str(self.grpc_inference_port),
+            "grpc_management_port": str(self.grpc_management_port),
             "model_store": str(store),
             "enable_model_api": "true",
             "disable_token_authorization": "false",
@@ -190,6 +197,13 @@ def info(run_dir: Path) -> str:
     ])
 
 
+def isolated(run_dir: Path, model_store: Path, gpus: int = 0) -> ServerConfig:
+    """A config on five free loopback ports, for a server beside others (tests, benchmarks)."""
+    inference, management, metrics, grpc_inference, grpc_management = free_ports(5)
+    return ServerConfig(run_dir, model_store, inference_port=inference, management_port=management, metrics_port=metrics,
+                        grpc_inference_port=grpc_inference, grpc_management_port=grpc_management, gpus=gpus)
+
+
 def free_ports(count: int) -> list[int]:
     """Ports the kernel says are free on 127.0.0.1 right now (for side-by-side servers)."""
     sockets = [socket.socket() for _ in range(count)]
@@ -214,6 +228,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--inference-port", type=int, default=_port("TS_INFERENCE_PORT", 8080), help="(default: %(default)s, env TS_INFERENCE_PORT)")
     s.add_argument("--management-port", type=int, default=_port("TS_MANAGEMENT_PORT", 8081), help="(default: %(default)s, env TS_MANAGEMENT_PORT)")
     s.add_argument("--metrics-port", type=int, default=_port("TS_METRICS_PORT", 8082), help="(default: %(default)s, env TS_METRICS_PORT)")
+    s.add_argument("--grpc-inference-port", type=int, default=_port("TS_GRPC_INFERENCE_PORT", 7070), help="(default: %(default)s, env TS_GRPC_INFERENCE_PORT)")
+    s.add_argument("--grpc-management-port", type=int, default=_port("TS_GRPC_MANAGEMENT_PORT", 7071), help="(default: %(default)s, env TS_GRPC_MANAGEMENT_PORT)")
     s.add_argument("--gpus", type=int, default=None, help="GPUs TorchServe may use (default: all torch sees)")
     s.add_argument("--token-expiration-min", type=int, default=60, help="lifetime of the API keys (default: %(default)s)")
     s.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for /ping (default: %(default)s)")
@@ -237,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
             inference_port=args.inference_port,
             management_port=args.management_port,
             metrics_port=args.metrics_port,
+            grpc_inference_port=args.grpc_inference_port,
+            grpc_management_port=args.grpc_management_port,
             gpus=detect_gpus() if args.gpus is None else args.gpus,
             token_expiration_min=args.token_expiration_min,
         )

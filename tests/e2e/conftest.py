@@ -11,7 +11,7 @@ import pytest
 import requests
 
 from scripts.runinfo import RunDir, TokenKind
-from scripts.server import ServerConfig, free_ports, start, stop
+from scripts.server import isolated, start, stop
 
 
 @contextmanager
@@ -21,9 +21,7 @@ def serving(archives: list[Path], base: Path) -> Iterator[RunDir]:
     store.mkdir()
     for archive in archives:
         shutil.copy(archive, store)
-    inference, management, metrics = free_ports(3)
-    config = ServerConfig(base / "run", store, inference_port=inference, management_port=management, metrics_port=metrics, gpus=0)
-    run = start(config)
+    run = start(isolated(base / "run", store))
     try:
         yield run
     finally:

