@@ -21,14 +21,16 @@ train: setup
 	$(BIN)/ts-archive train --if-stale
 
 mar: train
-	$(BIN)/ts-archive build
+	$(BIN)/ts-archive build --if-stale
 
-# The fidelity report (model_store/report.json, docs/variants.md) is written by every build.
-report: mar
+# Rebuild and re-measure everything: model_store/report.json and docs/variants.md.
+report: train
+	$(BIN)/ts-archive build
 
 MODELS := $(sort $(basename $(notdir $(wildcard model_configs/*.yaml))))
 
 serve: mar
+	@$(BIN)/ts-server stop >/dev/null   # a second `make serve` restarts the server
 	$(BIN)/ts-server start
 	@for m in $(MODELS); do $(BIN)/ts-manage register $$m.mar --workers 1 || exit 1; done
 	$(BIN)/ts-server info

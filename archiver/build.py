@@ -197,8 +197,26 @@ def build_measured(spec: ModelSpec, store: Path) -> tuple[Path, dict[str, Any]]:
     return target, row
 
 
-def build_all(specs: list[ModelSpec], store: Path, report_md: Path | None = None) -> list[Path]:
-    """Build every spec with a progress line each, then write the fidelity report."""
+def is_built(spec: ModelSpec, store: Path) -> bool:
+    """True when ``store`` has the spec's archive, newer than everything it was made from (code included)."""
+    archive = Path(store) / spec.archive_name
+    if not archive.exists():
+        return False
+    inputs = [spec.source, spec.weights, spec.model_file, spec.handler_entry, *spec.extra_files]
+    inputs += [*HANDLERS_DIR.glob("*.py"), *Path(__file__).parent.glob("*.py")]
+    if spec.base is not None:
+        inputs.append(spec.base.source)
+    built = archive.stat().st_mtime
+    return all(not p.exists() or p.stat().st_mtime <= built for p in inputs)
+
+
+def build_all(specs: list[ModelSpec], store: Path, report_md: Path | None = None, if_stale: bool = False) -> list[Path]:
+    """Build every spec (or only stale ones) with a progress line each, then update the fidelity report."""
+    if if_stale:
+        fresh = [s for s in specs if is_built(s, store)]
+        if fresh:
+            sys.stderr.write(f"up to date: {', '.join(s.name for s in fresh)}\n")
+        specs = [s for s in specs if s not in fresh]
     built, rows = [], []
     for i, spec in enumerate(specs, 1):
         sys.stderr.write(f"[{i}/{len(specs)}] {spec.name}: verifying, packing, measuring ...")
@@ -207,7 +225,8 @@ def build_all(specs: list[ModelSpec], store: Path, report_md: Path | None = None
         sys.stderr.write(f" {path.name} ({path.stat().st_size / 1024:.1f} KiB)\n")
         built.append(path)
         rows.append(row)
-    write_report(rows, Path(store) / "report.json", report_md)
+    if rows or not (Path(store) / "report.json").exists():
+        write_report(rows, Path(store) / "report.json", report_md)
     return built
 
 

@@ -23,6 +23,7 @@ def _parser() -> argparse.ArgumentParser:
     b = sub.add_parser("build", help="verify weights and write <store>/<name>.mar")
     b.add_argument("names", nargs="*", help="model names (default: all)")
     b.add_argument("--store", type=Path, default=Path("model_store"), help="output folder (default: %(default)s)")
+    b.add_argument("--if-stale", action="store_true", help="skip archives newer than their config, weights and code")
     b.add_argument("--report-md", type=Path, default=Path("docs/variants.md"), help="Markdown fidelity table (default: %(default)s)")
     return parser
 
@@ -40,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
                 result = train(spec)
                 print(f"  {spec.name}: {result.weights} {json.dumps(result.metrics)}", file=sys.stderr)
         else:
-            build_all(specs, args.store, args.report_md)
+            build_all(specs, args.store, args.report_md, if_stale=args.if_stale)
     except ArchiverError as err:
         print(f"\nts-archive: error: {err.message}", file=sys.stderr)
         return 1
