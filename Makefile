@@ -38,13 +38,21 @@ serve: mar
 stop:
 	-$(BIN)/ts-server stop
 
-test: setup
+# A plain TorchServe host (torch, torchserve, pyyaml; no numpy, captum, onnxruntime or this
+# library), for the test that serves our archives from it.
+PLAIN := .venv-plain
+$(PLAIN)/.installed:
+	test -x $(PLAIN)/bin/python || $(PYTHON) -m venv $(PLAIN)
+	$(PLAIN)/bin/pip install --quiet torch==2.13.0 torchserve==0.12.0 pyyaml
+	touch $@
+
+test: setup $(PLAIN)/.installed
 	$(BIN)/pytest
 
 test-unit: setup
 	$(BIN)/pytest tests/unit
 
-test-e2e: setup
+test-e2e: setup $(PLAIN)/.installed
 	$(BIN)/pytest tests/e2e
 
 bench: mar

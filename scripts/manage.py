@@ -30,6 +30,10 @@ from scripts.runinfo import RunDir, ScriptError, TokenKind
 CONFIG_ENTRY = "model-config.yaml"
 
 
+class NotFound(ScriptError):
+    """The server does not know the model (HTTP 404)."""
+
+
 @dataclass(frozen=True)
 class Client:
     """A management API endpoint and its token."""
@@ -54,6 +58,8 @@ class Client:
         message = body.get("message", reply.text.strip()) if isinstance(body, dict) else reply.text.strip()
         if reply.status_code == 400 and "Token Authorization failed" in message:
             raise ScriptError(f"the management token was refused by {self.url} (expired or from another server): {message}")
+        if reply.status_code == 404:
+            raise NotFound(f"{method} {path} failed with HTTP 404: {message}")
         if reply.status_code == 405:
             raise ScriptError(f"{method} {path} is not allowed by the server: is enable_model_api=true in its config.properties?")
         raise ScriptError(f"{method} {path} failed with HTTP {reply.status_code}: {message}")
@@ -130,22 +136,46 @@ def register(client: Client, run: RunDir, args: argparse.Namespace) -> str:
     if device is not None and archive_device(archive) != device.value:
         archive = retarget_archive(archive, device)
     name = args.name or archive.name.split(".")[0]
-    client.call(
-        "POST",
-        "/models",
-        url=archive.name,
-        model_name=name,
-        initial_workers=args.workers,
-        batch_size=args.batch_size,
-        max_batch_delay=args.max_batch_delay,
-        response_timeout=args.response_timeout,
-        synchronous="true",
-    )
-    # initial_workers is capped by the archive's maxWorkers: set both explicitly.
-    client.call("PUT", f"/models/{name}", min_worker=args.workers, max_worker=args.workers, synchronous="true")
-    ready = wait_ready(client, name, args.workers, args.timeout)
+    try:
+        client.call("GET", f"/models/{name}")
+    except NotFound:
+        pass
+    else:
+        raise ScriptError(f"model {name!r} is already registered: ts-manage unregister {name} first, or give another --name")
+    try:
+        client.call(
+            "POST",
+            "/models",
+            url=archive.name,
+            model_name=name,
+            initial_workers=args.workers,
+            batch_size=args.batch_size,
+            max_batch_delay=args.max_batch_delay,
+            response_timeout=args.response_timeout,
+            synchronous="true",
+        )
+        # initial_workers is capped by the archive's maxWorkers: set both explicitly.
+        client.call("PUT", f"/models/{name}", min_worker=args.workers, max_worker=args.workers, synchronous="true")
+        ready = wait_ready(client, name, args.workers, args.timeout)
+    except ScriptError as err:
+        # Left registered, TorchServe would restart the failing workers forever.
+        try:
+            client.call("DELETE", f"/models/{name}")
+        except ScriptError:
+            pass
+        raise ScriptError(f"{err.message}; {name!r} is not registered{_load_failure(run, name)}") from None
     on = "GPU" if any(w.get("gpu") for w in ready) else "CPU"
     return f"registered {name} from {archive.name}: {len(ready)} {on} worker(s) READY"
+
+
+def _load_failure(run: RunDir, name: str) -> str:
+    """The worker's own reason, from the server's model log, when it is readable here."""
+    log = run.log_dir / "model_log.log"
+    if not log.is_file():
+        return ""
+    marker = f"Failed to load model {name}, exception "
+    reasons = [line.split(marker, 1)[1].strip() for line in log.read_text(errors="replace").splitlines() if marker in line]
+    return f"; the worker said: {reasons[-1]}" if reasons else f"; see {log}"
 
 
 def scale(client: Client, args: argparse.Namespace) -> str:

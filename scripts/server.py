@@ -132,8 +132,11 @@ def _pid(run: RunDir) -> int | None:
     return pid
 
 
-def start(config: ServerConfig, timeout: float = 120.0) -> RunDir:
+def start(config: ServerConfig, timeout: float = 120.0, torchserve: str | None = None) -> RunDir:
     """Write config.properties, start TorchServe in the run folder and wait until /ping is healthy.
+
+    ``torchserve`` picks another installation's launcher (its workers then run on
+    that installation's Python); by default, this environment's.
 
     Raises:
         ScriptError: a server already runs there, or it did not come up in time (with its log tail).
@@ -145,7 +148,7 @@ def start(config: ServerConfig, timeout: float = 120.0) -> RunDir:
         path.mkdir(parents=True, exist_ok=True)
     run.key_file.unlink(missing_ok=True)  # never read a previous server's keys
     run.config_file.write_text(config.properties())
-    command = [_torchserve(), "--start", "--ncs", "--ts-config", str(run.config_file), "--model-store", str(config.model_store.resolve())]
+    command = [torchserve or _torchserve(), "--start", "--ncs", "--ts-config", str(run.config_file), "--model-store", str(config.model_store.resolve())]
     with open(run.console_log, "wb") as out:
         # The Java server outlives this call: give it a file, never our pipes.
         subprocess.run(command, cwd=run.path, env=_env(run), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, check=False, start_new_session=True)

@@ -15,13 +15,13 @@ from scripts.server import isolated, start, stop
 
 
 @contextmanager
-def serving(archives: list[Path], base: Path) -> Iterator[RunDir]:
+def serving(archives: list[Path], base: Path, torchserve: str | None = None) -> Iterator[RunDir]:
     """A TorchServe on free loopback ports whose model store holds ``archives``; stopped on exit."""
     store = base / "model_store"
     store.mkdir()
     for archive in archives:
         shutil.copy(archive, store)
-    run = start(isolated(base / "run", store))
+    run = start(isolated(base / "run", store), torchserve=torchserve)
     try:
         yield run
     finally:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -189,3 +190,24 @@ def test_a_second_server_runs_beside_the_first(registered: RunDir, net_archive: 
     finally:
         stop(second.path)
     assert Api(registered).predict("net", '{"inputs": [0,0,0,0,0,0,0,0,0,0]}').status_code == 200
+
+
+def test_an_archive_that_cannot_load_is_reported_and_not_left_registered(registered: RunDir) -> None:
+    """Its workers would crash-loop forever: ts-manage says why, from the worker's log, and unregisters it."""
+    import yaml
+
+    broken = registered.model_store / "broken.mar"
+    with zipfile.ZipFile(registered.model_store / "net.mar") as src, zipfile.ZipFile(broken, "w") as dst:
+        for item in src.infolist():
+            data = src.read(item)
+            if item.filename == "model-config.yaml":
+                config = yaml.safe_load(data)
+                config["handler"]["format"] = "tflite"
+                data = yaml.safe_dump(config).encode()
+            dst.writestr(item, data)
+    done = ts_manage(registered, "register", "broken.mar")
+    assert done.returncode == 1
+    assert "'broken' is not registered; the worker said: handler.format 'tflite' is not one of" in done.stderr
+    assert '"broken"' not in ts_manage(registered, "list").stdout
+    again = ts_manage(registered, "register", "net.mar")
+    assert again.returncode == 1 and "model 'net' is already registered" in again.stderr

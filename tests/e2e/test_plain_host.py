@@ -1,0 +1,76 @@
+"""Archives on a plain TorchServe host: torch, torchserve and pyyaml only.
+
+No numpy, no captum, no onnxruntime, no copy of this library: the environment
+`make test` builds in .venv-plain. Its workers run on that environment's Python.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from archiver.datasets import load_digits_split
+from scripts.runinfo import RunDir
+from tests.conftest import ROOT, VariantBuild, digits_model, reference_net, render_digit
+from tests.e2e.conftest import Api, serving
+from tests.e2e.test_serve import ts_manage
+
+PLAIN = Path(os.environ.get("PLAIN_VENV", ROOT / ".venv-plain"))
+
+
+@pytest.fixture(scope="module")
+def plain(net_archive: Path, digits_archive: Path, variant_builds: dict[str, VariantBuild], tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunDir]:
+    launcher = PLAIN / "bin" / "torchserve"
+    if not launcher.exists():
+        message = f"no plain TorchServe environment at {PLAIN}: `make test` builds it"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    archives = [net_archive, digits_archive] + [variant_builds[n].archive for n in ("digits_int8_static", "net_exported", "net_onnx")]
+    with serving(archives, tmp_path_factory.mktemp("plain"), torchserve=str(launcher)) as run:
+        yield run
+
+
+def test_the_host_really_is_plain() -> None:
+    site = next((PLAIN / "lib").glob("python3*/site-packages"))
+    present = {p.name.split("-")[0].lower() for p in site.iterdir()}
+    assert {"torch", "torchserve", "yaml"} <= present
+    assert not {"numpy", "captum", "onnxruntime", "handlers", "archiver", "serveready"} & present
+
+
+@pytest.mark.parametrize("name", ["net", "net_exported"])
+def test_net_archives_serve(plain: RunDir, net_spec, name: str) -> None:  # noqa: ANN001
+    assert ts_manage(plain, "register", f"{name}.mar").returncode == 0
+    rows = np.random.default_rng(9).normal(size=(3, 10)).astype(np.float32)
+    reply = Api(plain).predict(name, json.dumps({"inputs": rows.tolist()}))
+    assert reply.status_code == 200, reply.text
+    np.testing.assert_allclose(reply.json()["predictions"], reference_net(net_spec.weights, rows), rtol=1e-5, atol=1e-5)
+    assert Api(plain).predict(name, '{"inputs": [1, 2]}').json()["message"] == "row 0 has 2 values, expected 10"
+
+
+@pytest.mark.parametrize("name", ["digits", "digits_int8_static"])
+def test_digits_archives_serve_images_and_say_why_no_explanations(plain: RunDir, digits_spec, name: str) -> None:  # noqa: ANN001
+    assert ts_manage(plain, "register", f"{name}.mar").returncode == 0
+    split = load_digits_split(0, 0.2)
+    with torch.inference_mode():
+        expected = digits_model(digits_spec.weights)(split.x_test[:5]).argmax(dim=1).tolist()
+    for ink, label in zip(split.x_test[:5], expected, strict=True):
+        reply = Api(plain).predict(name, json.dumps({"inputs": (ink[0] * 16).tolist(), "k": 1}))
+        assert reply.status_code == 200 and reply.json()["predictions"][0]["index"] == label
+    picture = render_digit((split.x_test[0, 0] * 16).numpy(), (60, 60))
+    assert Api(plain).predict(name, picture, content_type="image/png").status_code == 200
+    explained = Api(plain).predict(name, picture, content_type="image/png", endpoint="explanations")
+    assert explained.status_code == 501 and "explanations need" in explained.json()["message"]
+
+
+def test_onnx_archive_says_what_the_host_lacks(plain: RunDir) -> None:
+    done = ts_manage(plain, "register", "net_onnx.mar")
+    assert done.returncode == 1
+    assert "the worker said: this archive needs onnxruntime on the TorchServe host: pip install onnxruntime" in done.stderr
+    assert "net_onnx" not in ts_manage(plain, "list").stdout
