@@ -196,7 +196,7 @@ def info(run_dir: Path) -> str:
         f"  curl {auth}{run.inference_url}/ping",
         f"  curl {auth}-H 'Content-Type: application/json' -d '{{\"inputs\": [{row}]}}' {run.inference_url}/predictions/net",
         f"  curl {auth}-H 'Content-Type: image/png' --data-binary @docs/images/digit.png {run.inference_url}/predictions/digits",
-        "  ts-explain docs/images/digit.png      # writes docs/images/digit.explanation.png",
+        f"  {os.path.relpath(Path(sys.executable).parent / 'ts-explain')} docs/images/digit.png      # writes docs/images/digit.explanation.png",
     ])
 
 
