@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from handlers.errors import ModelLoadError
-from handlers.runtime import build_module, load_eager_model, load_state_dict
+from handlers.runtime import build_module, load_eager_model, load_weights_into
 
 Model = Callable[[torch.Tensor], torch.Tensor]
 Loader = Callable[[Path, Mapping[str, Any], Mapping[str, Any], torch.device], Model]
@@ -53,12 +53,7 @@ def _module(model_dir: Path, manifest: Mapping[str, Any], options: Mapping[str, 
 
 def _load_into(model: nn.Module, weights: Path, what: str) -> nn.Module:
     with quiet_quantization():
-        state = load_state_dict(weights, "cpu")
-        try:
-            model.load_state_dict(state, strict=True)
-        except RuntimeError as err:
-            raise ModelLoadError(f"weights file {weights.name} does not fit the {what} model: {' '.join(str(err).split())}") from err
-    return model.eval()
+        return load_weights_into(model, weights, f"the {what} model")
 
 
 def _no_gradients(model: Model) -> Model:

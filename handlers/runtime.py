@@ -98,10 +98,15 @@ def load_eager_model(
 ) -> nn.Module:
     """Build the model class, load its state_dict strictly, and put it in eval mode on ``device``."""
     model = build_module(model_file, class_name, kwargs)
+    return load_weights_into(model, weights, class_name, device).to(device)
+
+
+def load_weights_into(model: nn.Module, weights: Path, what: str, device: torch.device | str = "cpu") -> nn.Module:
+    """Load ``weights`` into ``model`` strictly; a mismatch names the file, ``what`` it should fit, and the keys."""
     state = load_state_dict(weights, device)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
         detail = " ".join(str(err).split())
-        raise ModelLoadError(f"weights file {weights.name} does not fit {class_name}: {detail}") from err
-    return model.to(device).eval()
+        raise ModelLoadError(f"weights file {weights.name} does not fit {what}: {detail}") from err
+    return model.eval()
