@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from archiver.datasets import load_digits_split, make_regression
 from archiver.errors import ArchiverError
+from archiver.evaluate import heldout
 from archiver.spec import ModelSpec
 from handlers.runtime import build_module
 
@@ -59,8 +59,7 @@ def train_regression(spec: ModelSpec) -> TrainResult:
     """The article's training loop, with the targets it forgot to define."""
     cfg = spec.training
     seed = int(cfg.get("seed", 0))
-    width = int(spec.sample_shape[-1])
-    data = make_regression(seed, int(cfg.get("samples", 2000)), width, float(cfg.get("holdout", 0.2)), float(cfg.get("noise", 0.1)))
+    data = heldout(spec)  # the one place a config becomes data: variants are measured on the same split
     epochs = int(cfg.get("epochs", 300))
     with _deterministic(seed):
         model = build_module(spec.model_file, spec.model_class, spec.model_kwargs)
@@ -99,7 +98,7 @@ def train_digits(spec: ModelSpec) -> TrainResult:
     """Cross-entropy on scikit-learn's digits, seeded mini-batches, held-out accuracy."""
     cfg = spec.training
     seed = int(cfg.get("seed", 0))
-    data = load_digits_split(seed, float(cfg.get("holdout", 0.2)))
+    data = heldout(spec)
     x_train, y_train = data.x_train, data.y_train
     if cfg.get("augment", False):
         x_train = torch.cat([x_train, _remade_through_image_path(x_train)])
