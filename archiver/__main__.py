@@ -1,5 +1,5 @@
-"""``python -m archiver {train,build}``: train models and build their archives."""
+"""``python -m serveready.archiver {init,train,build}``."""
 
-from archiver.cli import main
+from .cli import main
 
 raise SystemExit(main())

@@ -1,21 +1,26 @@
-"""Verify a model, pack it into a self-contained ``.mar``, and measure what was packed.
+"""verify -> pack -> load -> publish: a model config becomes a checked, self-contained ``.mar``.
 
 The archive carries the weights (a state_dict, an ONNX file or a torch.export
-program), the model file where one is needed, a ``model-config.yaml`` and a
-copy of the ``handlers`` package, so a TorchServe host needs torch (and
-onnxruntime for ONNX archives), nothing of this library, to serve it. Before an
-archive reaches the store it is unpacked and loaded by the handler's own
-loader, run on the held-out data, and held to its config's fidelity bounds.
+program), the model file where the format needs one, a ``model-config.yaml``, a copy
+of ``serveready.handlers``, any handler code of the user's, and a generated entry
+module, so a TorchServe host needs torch and Pillow (and onnxruntime for ONNX
+archives), nothing of this library, to serve it. Before an archive reaches the store
+it is unpacked and loaded by the handler's own loader, run on a sample, measured
+(:mod:`evaluate`) and held to its config's fidelity bounds; only then is it moved in.
+Nothing is written outside the store: a variant whose weights are missing or stale is
+derived into the build's scratch folder.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import shutil
 import sys
 import tempfile
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterator, MutableMapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -28,19 +33,23 @@ from model_archiver.model_packaging import package_model
 from model_archiver.model_packaging_utils import ModelExportUtils
 from torch import nn
 
-import handlers
-from archiver import evaluate
-from archiver.errors import ArchiverError
-from archiver.report import write_report
-from archiver.spec import ModelSpec
-from archiver.variants import FORMATS
-from handlers.errors import ModelLoadError
-from handlers.loaders import load_model
-from handlers.runtime import load_eager_model
+import serveready
+from serveready.handlers.config import ModelOptions, parse, to_mapping
+from serveready.handlers.errors import ConfigError, ModelLoadError
+from serveready.handlers.loaders import load_model
+from serveready.handlers.runtime import load_eager_model
 
-HANDLERS_DIR = Path(handlers.__file__).parent
-#: Formats whose archive needs the Python model file.
-_NEEDS_MODEL_FILE = {"eager", "int8_dynamic", "int8_static", "half"}
+from . import evaluate
+from .entries import ENTRY_MODULE, HANDLERS_DIR, check_top_level_name
+from .errors import ArchiverError
+from .report import write_report
+from .spec import ModelSpec
+from .training import is_stale
+from .variants import derive
+
+Model = evaluate.Model
+#: The library's own code: an archive built before it changed is stale.
+LIBRARY_CODE = [*HANDLERS_DIR.glob("*.py"), *Path(__file__).parent.glob("*.py"), Path(serveready.__file__)]
 
 
 def verify(spec: ModelSpec) -> nn.Module:
@@ -55,13 +64,13 @@ def verify(spec: ModelSpec) -> nn.Module:
     try:
         model = load_eager_model(spec.model_file, spec.model_class, spec.model_kwargs, spec.weights)
     except ModelLoadError as err:
-        hint = " (run `make train` first)" if not spec.weights.exists() else ""
-        raise ArchiverError(f"{spec.name}: {err.message}{hint}") from err
-    _check_sample(spec, model)
+        raise ArchiverError(f"{spec.name}: {err.message}{_train_hint(spec)}") from err
+    check_sample(spec, model)
     return model
 
 
-def _check_sample(spec: ModelSpec, model: Any) -> None:
+def check_sample(spec: ModelSpec, model: Model) -> torch.Tensor:
+    """One forward on zeros of ``sample_shape``: one finite output row per input row, or an ArchiverError."""
     try:
         with torch.inference_mode():
             out = model(torch.zeros(spec.sample_shape))
@@ -70,51 +79,50 @@ def _check_sample(spec: ModelSpec, model: Any) -> None:
             f"{spec.name}: {spec.model_class} from {spec.model_file.name} with {spec.weights.name} "
             f"fails on a sample input of shape {list(spec.sample_shape)}: {err}"
         ) from err
-    if not isinstance(out, torch.Tensor) or out.shape[0] != spec.sample_shape[0]:
+    if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != spec.sample_shape[0]:
         shape = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ArchiverError(f"{spec.name}: sample of {spec.sample_shape[0]} rows gave output {shape}, expected one output row per input row")
+        raise ArchiverError(f"{spec.name}: a sample of {spec.sample_shape[0]} rows gave output {shape}, expected one output row per input row ([rows, outputs])")
     if not torch.isfinite(out).all():
         raise ArchiverError(f"{spec.name}: {spec.weights.name} gives non-finite outputs on a zero input")
+    return out
 
 
 def model_config(spec: ModelSpec) -> dict[str, Any]:
-    """The archive's ``model-config.yaml``: TorchServe's keys plus the handler's options."""
-    handler = dict(spec.handler_options)
-    handler.update(
-        model_class=spec.model_class,
-        model_kwargs=dict(spec.model_kwargs),
-        format=FORMATS[spec.kind],
-        sample_shape=list(spec.sample_shape),
-    )
-    if spec.kind == "half":
-        handler["dtype"] = str(spec.variant.get("dtype"))
-    return {**dict(spec.serve), "handler": handler}
+    """The archive's ``model-config.yaml``: TorchServe's keys plus the handler's options and how to load the model."""
+    return {**to_mapping(spec.serve), "handler": to_mapping(spec.handler_options), "model": to_mapping(spec.model_options)}
 
 
 def pack(spec: ModelSpec, store: Path) -> Path:
-    """Write ``store/<name>.mar`` with torch-model-archiver's Python API; no checks."""
-    fmt = FORMATS.get(spec.kind)
-    if fmt is None:
-        raise ArchiverError(f"{spec.source.name}: variant.kind {spec.kind!r} is not one of {sorted(FORMATS)}")
-    for path in (spec.model_file, spec.handler_entry, spec.weights, *spec.extra_files):
+    """Write ``store/<name>.mar`` with torch-model-archiver's Python API; no checks of the model."""
+    kind = spec.kind_info
+    shipped = [(spec.weights, spec.weights.name)] + ([(spec.model_file, spec.model_file.name)] if kind.ships_model_file else [])
+    shipped += list(spec.handler.files) + [(p, p.name) for p in spec.extra_files]
+    for path, _ in shipped:
         if not path.exists():
-            hint = " (run `make train` first)" if path == spec.weights else ""
-            raise ArchiverError(f"{spec.name}: {path} does not exist (named in {spec.source.name}){hint}")
+            raise ArchiverError(f"{spec.name}: {path} does not exist (named in {spec.source.name}){_train_hint(spec) if path == spec.weights else ''}")
+    _check_archive_names(spec, [name for _, name in shipped])
     with tempfile.TemporaryDirectory(prefix=f"mar-{spec.name}-") as tmp:
         work = Path(tmp)
         extra = work / "extra"
-        shutil.copytree(HANDLERS_DIR, extra / "handlers", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-        for path in spec.extra_files:
-            copy = shutil.copytree if path.is_dir() else shutil.copy2
-            copy(path, extra / path.name)
+        ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+        shutil.copytree(HANDLERS_DIR, extra / "serveready" / "handlers", ignore=ignore)
+        shutil.copy2(serveready.__file__, extra / "serveready" / "__init__.py")
+        for path, name in [*spec.handler.files, *[(p, p.name) for p in spec.extra_files]]:
+            if path.is_dir():
+                shutil.copytree(path, extra / name, ignore=ignore)
+            else:
+                shutil.copy2(path, extra / name)
+        entry = work / f"{ENTRY_MODULE}.py"
+        entry.write_text(spec.handler.entry_source())
         config_file = work / "model-config.yaml"
-        config_file.write_text(yaml.safe_dump(model_config(spec), sort_keys=False))
+        header = f"# written by serveready {serveready.__version__} from {spec.source.name}: TorchServe's keys, then the handler's\n"
+        config_file.write_text(header + yaml.safe_dump(model_config(spec), sort_keys=False))
         config = ModelArchiverConfig(
             model_name=spec.name,
-            handler=str(spec.handler_entry),
+            handler=str(entry),
             version=spec.version,
             serialized_file=str(spec.weights),
-            model_file=str(spec.model_file) if fmt in _NEEDS_MODEL_FILE else None,
+            model_file=str(spec.model_file) if kind.ships_model_file else None,
             extra_files=str(extra),
             export_path=str(store),
             force=True,
@@ -129,45 +137,13 @@ def pack(spec: ModelSpec, store: Path) -> Path:
     return store / spec.archive_name
 
 
-def load_archive(archive: Path, into: Path) -> Any:
+def load_archive(archive: Path, into: Path) -> Model:
     """Unpack an archive and load its model with the handler's own loader, as a worker would."""
     with zipfile.ZipFile(archive) as mar:
         mar.extractall(into)
     manifest = json.loads((into / "MAR-INF" / "MANIFEST.json").read_text())
-    options = (yaml.safe_load((into / "model-config.yaml").read_text()) or {}).get("handler", {})
-    return load_model(into, manifest, options, torch.device("cpu"))
-
-
-def measure(spec: ModelSpec, model: Any, archive: Path) -> tuple[dict[str, Any], dict[str, float]]:
-    """The report's row (size, parameters, held-out quality, fidelity to fp32, latency) and fp32's quality."""
-    data = evaluate.heldout(spec)
-    outputs = evaluate.run(model, data.x_test)
-    reference = evaluate.run(verify(spec.origin), data.x_test)
-    served = evaluate.served_numbers(outputs, data.task)
-    diff = (served - evaluate.served_numbers(reference, data.task)).abs()
-    params, nonzero = evaluate.count_parameters(spec.weights)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(int(spec.handler_options.get("torch_threads") or 1))  # as a worker runs it
-    try:
-        one, many = (evaluate.latency_ms(model, data.x_test[:1], n) for n in (1, 64))
-    finally:
-        torch.set_num_threads(threads)
-    row = {
-        "name": spec.name,
-        "base": spec.origin.name,
-        "kind": spec.kind if spec.kind != "half" else str(spec.variant.get("dtype")),
-        "format": FORMATS[spec.kind],
-        "archive_bytes": archive.stat().st_size,
-        "weights_bytes": spec.weights.stat().st_size,
-        "parameters": params,
-        "nonzero_parameters": nonzero,
-        **evaluate.quality(outputs, data),
-        "max_abs_diff": diff.max().item(),
-        "mean_abs_diff": diff.mean().item(),
-        "latency_ms_1_row": one,
-        "latency_ms_64_rows": many,
-    }
-    return row, evaluate.quality(reference, data)
+    config = yaml.safe_load((into / "model-config.yaml").read_text()) or {}
+    return load_model(into, manifest, parse(ModelOptions, config.get("model"), "model"), torch.device("cpu"))
 
 
 def build(spec: ModelSpec, store: Path) -> Path:
@@ -175,59 +151,115 @@ def build(spec: ModelSpec, store: Path) -> Path:
     return build_measured(spec, store)[0]
 
 
-def build_measured(spec: ModelSpec, store: Path) -> tuple[Path, dict[str, Any]]:
-    """Build in a scratch folder, load it as a worker would, measure, enforce fidelity, then publish."""
-    if spec.base is None:
-        verify(spec)
+def build_measured(spec: ModelSpec, store: Path, references: MutableMapping[str, Model] | None = None) -> tuple[Path, dict[str, Any]]:
+    """Pack in a scratch folder, load it as a worker would, measure, enforce fidelity, then publish.
+
+    Args:
+        spec: the model to build.
+        store: where the archive goes (created if missing).
+        references: fp32 models by name, shared between builds so each is loaded once.
+    """
+    references = {} if references is None else references
     store = Path(store).resolve()
     store.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f"check-{spec.name}-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=f"build-{spec.name}-") as tmp:
         scratch = Path(tmp)
+        spec = dataclasses.replace(spec, weights=_weights(spec, scratch))
         (scratch / "store").mkdir()
         archive = pack(spec, scratch / "store")
         try:
             model = load_archive(archive, scratch / "unpacked")
-        except ModelLoadError as err:
-            raise ArchiverError(f"{spec.name}: the packed archive does not load: {err.message}") from err
-        _check_sample(spec, model)
-        row, reference = measure(spec, model, archive)
-        evaluate.check_fidelity(spec, row, reference)
+        except (ConfigError, ModelLoadError) as err:
+            raise ArchiverError(f"{spec.name}: {err.message}{_train_hint(spec)}") from err
+        check_sample(spec, model)
+        if spec.kind == "fp32":
+            references[spec.name] = model
+            reference = None
+        else:
+            reference = references.get(spec.origin.name) or verify(spec.origin)
+            references[spec.origin.name] = reference
+        row, reference_quality = evaluate.measure(spec, model, archive, spec.weights, reference)
+        evaluate.check_fidelity(spec, row, reference_quality)
         target = store / spec.archive_name
-        shutil.move(str(archive), target)
+        partial = store / f".{spec.archive_name}.partial"
+        shutil.copyfile(archive, partial)
+        os.replace(partial, target)  # the store never holds half an archive
     return target, row
 
 
+def _weights(spec: ModelSpec, scratch: Path) -> Path:
+    """The weights to pack: the config's file, or a variant derived afresh into ``scratch``."""
+    if spec.base is None or (spec.weights.exists() and not is_stale(spec)):
+        return spec.weights
+    derived = dataclasses.replace(spec, weights=scratch / "derived" / spec.weights.name)
+    return derive(derived)
+
+
+def inputs(spec: ModelSpec) -> list[Path]:
+    """Every file an archive is made from: config, model, weights (or its base's), handler and extra files, data, our code."""
+    paths = [spec.source, spec.model_file, *spec.extra_files, *LIBRARY_CODE]
+    for path, _ in spec.handler.files:
+        paths += list(path.rglob("*.py")) if path.is_dir() else [path]
+    if spec.data is not None and hasattr(spec.data, "path"):
+        paths.append(spec.data.path)  # type: ignore[union-attr]
+    if spec.base is not None:
+        paths += [spec.base.source, spec.base.weights] + ([spec.weights] if spec.weights.exists() else [])
+    else:
+        paths.append(spec.weights)
+    return paths
+
+
 def is_built(spec: ModelSpec, store: Path) -> bool:
-    """True when ``store`` has the spec's archive, newer than everything it was made from (code included)."""
+    """True when ``store`` has the spec's archive, newer than everything it is made from; a missing input means rebuild."""
     archive = Path(store) / spec.archive_name
     if not archive.exists():
         return False
-    inputs = [spec.source, spec.weights, spec.model_file, spec.handler_entry, *spec.extra_files]
-    inputs += [*HANDLERS_DIR.glob("*.py"), *Path(__file__).parent.glob("*.py")]
-    if spec.base is not None:
-        inputs.append(spec.base.source)
     built = archive.stat().st_mtime
-    return all(not p.exists() or p.stat().st_mtime <= built for p in inputs)
+    return all(p.exists() and p.stat().st_mtime <= built for p in inputs(spec))
 
 
 def build_all(specs: list[ModelSpec], store: Path, report_md: Path | None = None, if_stale: bool = False) -> list[Path]:
-    """Build every spec (or only stale ones) with a progress line each, then update the fidelity report."""
+    """Build every spec (or only stale ones) with a progress line each, then update the report.
+
+    The report goes to ``store/report.json`` and ``report_md`` (default ``store/report.md``).
+    """
+    store = Path(store)
     if if_stale:
         fresh = [s for s in specs if is_built(s, store)]
         if fresh:
             sys.stderr.write(f"up to date: {', '.join(s.name for s in fresh)}\n")
         specs = [s for s in specs if s not in fresh]
     built, rows = [], []
+    references: dict[str, Model] = {}
     for i, spec in enumerate(specs, 1):
-        sys.stderr.write(f"[{i}/{len(specs)}] {spec.name}: verifying, packing, measuring ...")
+        sys.stderr.write(f"[{i}/{len(specs)}] {spec.name}: {'deriving, ' if spec.base else ''}packing, loading, measuring ...")
         sys.stderr.flush()
-        path, row = build_measured(spec, store)
+        path, row = build_measured(spec, store, references)
         sys.stderr.write(f" {path.name} ({path.stat().st_size / 1024:.1f} KiB)\n")
         built.append(path)
         rows.append(row)
-    if rows or not (Path(store) / "report.json").exists():
-        write_report(rows, Path(store) / "report.json", report_md)
+    if rows or not (store / "report.json").exists():
+        write_report(rows, store / "report.json", report_md or store / "report.md")
     return built
+
+
+def _check_archive_names(spec: ModelSpec, names: list[str]) -> None:
+    taken = {"serveready", f"{ENTRY_MODULE}.py", "model-config.yaml", "MAR-INF"}
+    for name in names:
+        if name in taken:
+            raise ArchiverError(f"{spec.name}: two files would be {name!r} in the archive: rename one")
+        taken.add(name)
+        stem, _, suffix = name.partition(".")
+        if suffix in ("", "py"):
+            check_top_level_name(stem, f"{name} (in {spec.source.name})")
+
+
+def _train_hint(spec: ModelSpec) -> str:
+    if spec.weights.exists():
+        return ""
+    if spec.training is not None:
+        return f" (run `ts-archive train {spec.name}` first)"
+    return f" (the weights of {spec.name} come from you: save its state_dict there)"
 
 
 @contextmanager

@@ -1,6 +1,9 @@
-"""Held-out quality, fidelity to fp32, size and latency of a built model.
+"""Measurements of a built archive: size, parameters, held-out quality, fidelity to fp32, latency.
 
-Every archive gets the same measurements, so variants compare on one table.
+Every archive gets the same measurements, so variants compare on one table. Quality
+and fidelity need held-out data (a training recipe's split, or the user's ``data:``
+file); without data they are left out of the report, and a ``fidelity:`` bound
+cannot be checked, so it is refused.
 """
 
 from __future__ import annotations
@@ -8,42 +11,24 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from archiver.datasets import load_digits_split, make_regression
-from archiver.errors import ArchiverError
-from archiver.spec import ModelSpec
+from . import datasets, weights
+from .errors import ArchiverError
+
+if TYPE_CHECKING:
+    from .spec import ModelSpec
 
 Model = Callable[[torch.Tensor], torch.Tensor]
 
 
-@dataclass(frozen=True)
-class Heldout:
-    """Held-out inputs and truth for a model's task, and the training inputs (for calibration and distillation)."""
-
-    task: str  # "regression" or "classification"
-    x_train: torch.Tensor
-    y_train: torch.Tensor
-    x_test: torch.Tensor
-    y_test: torch.Tensor
-
-
-def heldout(spec: ModelSpec) -> Heldout:
-    """The data the spec's fp32 origin was trained and evaluated on, regenerated from its seed."""
-    origin = spec.origin
-    cfg = origin.training
-    recipe = cfg.get("recipe")
-    if recipe == "regression":
-        data = make_regression(int(cfg.get("seed", 0)), int(cfg.get("samples", 2000)), int(origin.sample_shape[-1]), float(cfg.get("holdout", 0.2)), float(cfg.get("noise", 0.1)))
-        return Heldout("regression", data.x_train, data.y_train, data.x_test, data.y_test)
-    if recipe == "digits":
-        digits = load_digits_split(int(cfg.get("seed", 0)), float(cfg.get("holdout", 0.2)))
-        return Heldout("classification", digits.x_train, digits.y_train, digits.x_test, digits.y_test)
-    raise ArchiverError(f"{origin.source.name}: no held-out data for training.recipe {recipe!r}")
+def run(model: Model, inputs: torch.Tensor) -> torch.Tensor:
+    """Outputs for ``inputs`` in chunks, as float32."""
+    with torch.inference_mode():
+        return torch.cat([model(chunk).float() for chunk in inputs.split(1024)])
 
 
 def served_numbers(outputs: torch.Tensor, task: str) -> torch.Tensor:
@@ -51,15 +36,11 @@ def served_numbers(outputs: torch.Tensor, task: str) -> torch.Tensor:
     return torch.softmax(outputs.float(), dim=1) if task == "classification" else outputs.float()
 
 
-def quality(outputs: torch.Tensor, data: Heldout) -> dict[str, float]:
+def quality(outputs: torch.Tensor, data: datasets.Split) -> dict[str, float]:
+    """Top-1 accuracy (classification) or MSE (regression) on the held-out rows."""
     if data.task == "classification":
         return {"accuracy": (outputs.argmax(dim=1) == data.y_test).float().mean().item()}
-    return {"mse": torch.mean((outputs.float() - data.y_test) ** 2).item()}
-
-
-def run(model: Model, inputs: torch.Tensor) -> torch.Tensor:
-    with torch.inference_mode():
-        return model(inputs).float()
+    return {"mse": torch.mean((outputs.float() - data.y_test.reshape(outputs.shape)) ** 2).item()}
 
 
 def latency_ms(model: Model, row: torch.Tensor, batch: int, repeats: int = 30) -> float:
@@ -75,35 +56,45 @@ def latency_ms(model: Model, row: torch.Tensor, batch: int, repeats: int = 30) -
     return statistics.median(times)
 
 
-def count_parameters(weights: Path) -> tuple[int, int]:
-    """(parameters, non-zero parameters) stored in a weights file of any format."""
-    tensors: list[torch.Tensor] = []
-    if weights.suffix == ".onnx":
-        import onnx
-        from onnx import numpy_helper
+def measure(spec: ModelSpec, model: Model, archive: Path, weights_file: Path, reference: Model | None) -> tuple[dict[str, Any], dict[str, float]]:
+    """The report's row for one archive, and its fp32 reference's quality (empty without data).
 
-        tensors = [torch.from_numpy(numpy_helper.to_array(t).copy()) for t in onnx.load(str(weights)).graph.initializer]
-    elif weights.suffix == ".pt2":
-        tensors = list(torch.export.load(str(weights)).state_dict.values())
-    else:
-        from handlers.loaders import quiet_quantization
-
-        with quiet_quantization():
-            state = torch.load(weights, map_location="cpu", weights_only=True)
-        for key, value in state.items():
-            if not key.endswith(("scale", "zero_point")):
-                tensors.extend(_tensors(value))
-    total = sum(t.numel() for t in tensors)
-    nonzero = sum(int(torch.count_nonzero(t.int_repr() if t.is_quantized else t)) for t in tensors)
-    return total, nonzero
-
-
-def _tensors(value: Any) -> list[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, (tuple, list)):
-        return [t for v in value for t in _tensors(v)]
-    return []
+    Args:
+        spec: what was built.
+        model: the archive's model, loaded by the worker's own loader.
+        archive: the built ``.mar``.
+        weights_file: the weights packed into it.
+        reference: the fp32 model a variant is compared with; None for the fp32 model itself.
+    """
+    params, nonzero = weights.count(spec.kind_info.tensors(weights_file))
+    row: dict[str, Any] = {
+        "name": spec.name,
+        "base": spec.origin.name,
+        "variant": spec.kind,
+        "kind": spec.variant.label(),
+        "format": spec.kind_info.format,
+        "archive_bytes": archive.stat().st_size,
+        "weights_bytes": weights_file.stat().st_size,
+        "parameters": params,
+        "nonzero_parameters": nonzero,
+    }
+    source = spec.data
+    data = datasets.load(source) if source is not None else None
+    reference_quality: dict[str, float] = {}
+    if data is not None:
+        outputs = run(model, data.x_test)
+        expected = run(reference, data.x_test) if reference is not None else outputs
+        diff = (served_numbers(outputs, data.task) - served_numbers(expected, data.task)).abs()
+        reference_quality = quality(expected, data)
+        row.update(quality(outputs, data), heldout_rows=len(data.x_test), max_abs_diff=diff.max().item(), mean_abs_diff=diff.mean().item())
+    sample = data.x_test[:1] if data is not None else torch.zeros((1, *spec.sample_shape[1:]))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(spec.handler_options.torch_threads or 1)  # as a worker runs it
+    try:
+        row["latency_ms_1_row"], row["latency_ms_64_rows"] = (latency_ms(model, sample, n) for n in (1, 64))
+    finally:
+        torch.set_num_threads(threads)
+    return row, reference_quality
 
 
 def check_fidelity(spec: ModelSpec, metrics: Mapping[str, float], reference: Mapping[str, float]) -> None:
@@ -113,11 +104,19 @@ def check_fidelity(spec: ModelSpec, metrics: Mapping[str, float], reference: Map
     ``min_accuracy``, ``max_accuracy_drop`` (points against fp32), ``max_mse_ratio``
     (MSE no worse than this multiple of fp32's).
     """
-    bounds = spec.fidelity
+    bounds = spec.fidelity.bounds
+    if not bounds:
+        return
+    if "max_abs_diff" not in metrics:
+        raise ArchiverError(f"{spec.name}: fidelity bounds ({', '.join(bounds)}) need held-out data: give {spec.origin.source.name} a data: file")
+    task_metric = {"min_accuracy": "accuracy", "max_accuracy_drop": "accuracy", "max_mse_ratio": "mse"}
+    for key, metric in task_metric.items():
+        if key in bounds and metric not in metrics:
+            raise ArchiverError(f"{spec.name}: fidelity.{key} does not apply to a {'regression' if metric == 'accuracy' else 'classification'} model")
     misses = []
-    for key, metric in (("max_abs_diff", "max_abs_diff"), ("mean_abs_diff", "mean_abs_diff")):
-        if key in bounds and metrics[metric] > bounds[key]:
-            misses.append(f"{metric} {metrics[metric]:.4g} exceeds {bounds[key]} by {metrics[metric] - bounds[key]:.4g}")
+    for key in ("max_abs_diff", "mean_abs_diff"):
+        if key in bounds and metrics[key] > bounds[key]:
+            misses.append(f"{key} {metrics[key]:.4g} exceeds {bounds[key]} by {metrics[key] - bounds[key]:.4g}")
     if "min_accuracy" in bounds and metrics["accuracy"] < bounds["min_accuracy"]:
         misses.append(f"accuracy {metrics['accuracy']:.4f} is below {bounds['min_accuracy']} by {bounds['min_accuracy'] - metrics['accuracy']:.4f}")
     if "max_accuracy_drop" in bounds:

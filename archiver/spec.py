@@ -1,7 +1,11 @@
-"""A model's build spec, read from its YAML file in ``model_configs/``.
+"""A model's build spec, read and validated from its YAML file in ``model_configs/``.
 
-Paths in the YAML are relative to the project root (the folder that holds
-``model_configs/``).
+Paths in the YAML are relative to the user's folder: the parent of the folder that
+holds the config (``<folder>/model_configs/net.yaml`` -> ``<folder>``). Every section
+is typed: ``handler:`` by the handler kind's options class, ``training:`` by its
+recipe's, ``variant:`` by its kind's, ``serve:``, ``data:`` and ``fidelity:`` by the
+classes below. A bad key or value is an :class:`ArchiverError` naming the file and
+the key, before anything is trained or packed.
 """
 
 from __future__ import annotations
@@ -9,37 +13,67 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
-from archiver.errors import ArchiverError
+from serveready.handlers.config import DeviceType, HandlerOptions, ModelOptions, option, parse, to_mapping
+from serveready.handlers.errors import ConfigError
+
+from . import datasets
+from .entries import HandlerEntry, check_top_level_name, resolve
+from .errors import ArchiverError
+from .training import RECIPES, TrainingOptions
+from .variants import KINDS, VariantKind, VariantOptions
 
 # TorchServe's own rule for model names (model-archiver checks the same).
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-.]*$")
+#: Top-level keys of a model config.
+_KEYS = ("name", "version", "description", "base", "model", "weights", "extra_files", "handler", "training", "data", "variant", "fidelity", "serve")
 
 
-class DeviceType(str, Enum):
-    """Where a model's workers run; the one source for CLI choices too."""
+@dataclass(frozen=True, kw_only=True)
+class ServeOptions:
+    """TorchServe's model-config keys a spec's ``serve:`` section may set; copied into the archive."""
 
-    CPU = "cpu"
-    GPU = "gpu"
+    minWorkers: int | None = option(None, minimum=1)
+    maxWorkers: int | None = option(None, minimum=1)
+    batchSize: int | None = option(None, minimum=1)
+    maxBatchDelay: int | None = option(None, minimum=0, doc="ms the frontend waits to fill a batch")
+    responseTimeout: int | None = option(None, minimum=1, doc="seconds a worker may take per batch")
+    startupTimeout: int | None = option(None, minimum=1)
+    deviceType: DeviceType = option(DeviceType.CPU)
+    deviceIds: tuple[int, ...] | None = option(None, minimum=0)
+    jobQueueSize: int | None = option(None, minimum=1)
+
+    def __post_init__(self) -> None:
+        if self.minWorkers and self.maxWorkers and self.minWorkers > self.maxWorkers:
+            raise ConfigError(f"minWorkers ({self.minWorkers}) exceeds serve.maxWorkers ({self.maxWorkers})")
 
 
-#: TorchServe model-config keys a spec's ``serve:`` section may set, with their types.
-SERVE_KEYS: Mapping[str, type] = {
-    "minWorkers": int,
-    "maxWorkers": int,
-    "batchSize": int,
-    "maxBatchDelay": int,
-    "responseTimeout": int,
-    "startupTimeout": int,
-    "deviceType": str,
-    "deviceIds": list,
-    "jobQueueSize": int,
-}
+@dataclass(frozen=True, kw_only=True)
+class DataOptions:
+    """``data:``: the user's own held-out (and training) tensors, for the report, fidelity bounds and data-hungry variants."""
+
+    file: str = option(doc='torch.save({"x_test": ..., "y_test": ..., "x_train": ..., "y_train": ...}); x_train is optional')
+    task: Literal["classification", "regression"] = option(doc="classification: y holds class indices")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Fidelity:
+    """``fidelity:``: bounds a variant must meet against its fp32 model on the held-out data, or it is not published."""
+
+    max_abs_diff: float | None = option(None, minimum=0, doc="served numbers (predictions, probabilities)")
+    mean_abs_diff: float | None = option(None, minimum=0)
+    min_accuracy: float | None = option(None, minimum=0, maximum=1)
+    max_accuracy_drop: float | None = option(None, minimum=0, maximum=1, doc="points of accuracy lost against fp32")
+    max_mse_ratio: float | None = option(None, minimum=0, doc="MSE no worse than this multiple of fp32's")
+
+    @property
+    def bounds(self) -> dict[str, float]:
+        """The bounds that are set."""
+        return to_mapping(self)
 
 
 @dataclass(frozen=True)
@@ -51,18 +85,19 @@ class ModelSpec:
     model_file: Path
     model_class: str
     weights: Path
-    handler_entry: Path
+    handler: HandlerEntry
     source: Path
+    handler_options: HandlerOptions = field(default_factory=HandlerOptions)
     model_kwargs: Mapping[str, Any] = field(default_factory=dict)
     sample_shape: tuple[int, ...] = ()
-    handler_options: Mapping[str, Any] = field(default_factory=dict)
     extra_files: tuple[Path, ...] = ()
-    training: Mapping[str, Any] = field(default_factory=dict)
-    serve: Mapping[str, Any] = field(default_factory=dict)
+    training: TrainingOptions | None = None
+    data_file: datasets.DataFile | None = None
+    serve: ServeOptions = field(default_factory=ServeOptions)
     description: str = ""
     base: ModelSpec | None = None
-    variant: Mapping[str, Any] = field(default_factory=dict)
-    fidelity: Mapping[str, Any] = field(default_factory=dict)
+    variant: Any = field(default_factory=VariantOptions)
+    fidelity: Fidelity = field(default_factory=Fidelity)
 
     @property
     def archive_name(self) -> str:
@@ -71,12 +106,35 @@ class ModelSpec:
     @property
     def kind(self) -> str:
         """``fp32`` for a trained model, else its variant kind (``int8_dynamic``, ``onnx``, ...)."""
-        return str(self.variant.get("kind", "fp32"))
+        return str(self.variant.kind)
+
+    @property
+    def kind_info(self) -> VariantKind:
+        return KINDS[self.kind]
 
     @property
     def origin(self) -> ModelSpec:
         """The trained fp32 model this spec derives from (itself for a trained model)."""
         return self.base.origin if self.base else self
+
+    @property
+    def data(self) -> datasets.Source | None:
+        """Where the origin's held-out data come from: a data file, its training recipe, or nowhere."""
+        origin = self.origin
+        if origin.data_file is not None:
+            return origin.data_file
+        return origin.training.source(origin) if origin.training is not None else None
+
+    @property
+    def model_options(self) -> ModelOptions:
+        """The archive's ``model:`` section: how the handler loads this spec's weights."""
+        return ModelOptions(
+            format=self.kind_info.format,
+            class_name=self.model_class,
+            kwargs=dict(self.model_kwargs),
+            sample_shape=self.sample_shape,
+            dtype=getattr(self.variant, "dtype", None),
+        )
 
 
 def load_spec(path: Path, root: Path | None = None) -> ModelSpec:
@@ -94,53 +152,117 @@ def load_spec(path: Path, root: Path | None = None) -> ModelSpec:
     root = Path(root).resolve() if root else path.parent.parent
     raw = _read(path)
     where = path.name
+    try:
+        return _spec(path, root, raw)
+    except ConfigError as err:
+        raise ArchiverError(f"{where}: {err.message}") from None
+    except ArchiverError as err:
+        raise ArchiverError(err.message if err.message.startswith(where) else f"{where}: {err.message}") from None
+
+
+def _spec(path: Path, root: Path, raw: dict[str, Any]) -> ModelSpec:
+    unknown = [k for k in raw if k not in _KEYS]
+    if unknown:
+        raise ConfigError(f"{unknown[0]} is not a model config key (known: {', '.join(_KEYS)})")
     base = None
     if raw.get("base"):
         base_path = path.parent / f"{raw['base']}.yaml"
         if not base_path.is_file():
-            raise ArchiverError(f"{where}: base {raw['base']!r} has no config {base_path.name} beside it")
+            raise ArchiverError(f"base {raw['base']!r} has no config {base_path.name} beside it")
         base = load_spec(base_path, root)
+        if base.base is not None:
+            raise ArchiverError(f"base {raw['base']!r} is itself a variant: derive variants from a trained fp32 config")
         raw = _inherit(_read(base_path), raw)
+    elif "variant" in raw:
+        raise ConfigError("variant needs base: the fp32 config it is derived from")
 
-    def need(mapping: Mapping[str, Any], key: str, section: str = "") -> Any:
-        if key not in mapping or mapping[key] in (None, ""):
-            raise ArchiverError(f"{where}: missing required key {section + key!r}")
-        return mapping[key]
-
-    def section(key: str) -> dict[str, Any]:
-        value = raw.get(key) or {}
-        if not isinstance(value, dict):
-            raise ArchiverError(f"{where}: {key!r} must be a mapping, got {type(value).__name__}")
-        return dict(value)
-
-    name = str(need(raw, "name"))
+    name = str(_need(raw, "name"))
     if not _NAME.match(name):
-        raise ArchiverError(f"{where}: name {name!r} must match {_NAME.pattern} (e.g. 'net' or 'digits_int8')")
-    model, handler = section("model"), section("handler")
-    entry = need(handler, "entry", "handler.")
-    options = {k: v for k, v in handler.items() if k != "entry"}
-    sample = model.get("sample_shape") or []
-    if not (isinstance(sample, list) and sample and all(isinstance(d, int) and d > 0 for d in sample)):
-        raise ArchiverError(f"{where}: model.sample_shape must be a list of positive ints, e.g. [2, 10]")
-    return ModelSpec(
+        raise ArchiverError(f"name {name!r} must match {_NAME.pattern} (e.g. 'net' or 'digits_int8')")
+    model, handler = _section(raw, "model"), _section(raw, "handler")
+    _known(model, "model", ("file", "class", "kwargs", "sample_shape"))
+    sample = model.get("sample_shape")
+    if not (isinstance(sample, list) and len(sample) >= 2 and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in sample)):
+        raise ConfigError(f"model.sample_shape must be a list of at least two positive ints, [batch, features...] (e.g. [2, 10]), got {sample!r}")
+    kwargs = model.get("kwargs") or {}
+    if not isinstance(kwargs, dict):
+        raise ConfigError(f"model.kwargs must be a mapping of the class's keyword arguments, got {kwargs!r}")
+    variant = _variant(_section(raw, "variant")) if base is not None else VariantOptions()
+    kind = KINDS[variant.kind]
+    entry = resolve(str(_need(handler, "entry", "handler.")), root)
+    model_file = root / str(_need(model, "file", "model."))
+    if kind.ships_model_file:
+        check_top_level_name(model_file.stem, f"model file {model_file.name}")
+    extra = raw.get("extra_files") or []
+    if not isinstance(extra, list) or not all(isinstance(p, str) for p in extra):
+        raise ConfigError(f"extra_files must be a list of paths, got {extra!r}")
+    spec = ModelSpec(
         name=name,
         version=str(raw.get("version", "1.0")),
         description=str(raw.get("description", "")),
-        model_file=root / need(model, "file", "model."),
-        model_class=str(need(model, "class", "model.")),
-        model_kwargs=dict(model.get("kwargs") or {}),
+        model_file=model_file,
+        model_class=str(_need(model, "class", "model.")),
+        model_kwargs=dict(kwargs),
         sample_shape=tuple(sample),
-        weights=root / need(raw, "weights"),
-        handler_entry=root / entry,
-        handler_options=options,
-        extra_files=tuple(root / p for p in raw.get("extra_files") or []),
-        training=section("training"),
-        serve=_serve_section(section("serve"), where),
+        weights=root / str(_need(raw, "weights")),
+        handler=entry,
+        handler_options=parse(entry.handler_class.options_type, {k: v for k, v in handler.items() if k != "entry"}, "handler"),
+        extra_files=tuple(root / p for p in extra),
+        training=_training(raw.get("training")) if base is None else None,
+        data_file=_data(raw.get("data"), root),
+        serve=parse(ServeOptions, raw.get("serve"), "serve"),
         source=path,
         base=base,
-        variant=section("variant"),
-        fidelity=section("fidelity"),
+        variant=variant,
+        fidelity=parse(Fidelity, raw.get("fidelity"), "fidelity"),
     )
+    entry.handler_class.check(spec.handler_options, spec.model_options)
+    return spec
+
+
+def _need(mapping: Mapping[str, Any], key: str, section: str = "") -> Any:
+    if key not in mapping or mapping[key] in (None, ""):
+        raise ConfigError(f"missing required key {section + key!r}")
+    return mapping[key]
+
+
+def _section(raw: Mapping[str, Any], key: str) -> dict[str, Any]:
+    value = raw.get(key) or {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key!r} must be a mapping, got {type(value).__name__}")
+    return dict(value)
+
+
+def _known(section: Mapping[str, Any], name: str, keys: tuple[str, ...]) -> None:
+    for key in section:
+        if key not in keys:
+            raise ConfigError(f"{name}.{key} is not a known key (known: {', '.join(keys)})")
+
+
+def _training(raw: Any) -> TrainingOptions | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"training must be a mapping, got {type(raw).__name__}")
+    recipe = raw.get("recipe")
+    if recipe not in RECIPES:
+        raise ConfigError(f"training.recipe must be one of {', '.join(map(repr, RECIPES))}, got {recipe!r}")
+    return parse(RECIPES[recipe].options, raw, "training")
+
+
+def _variant(raw: dict[str, Any]) -> VariantOptions:
+    kind = raw.get("kind")
+    kinds = [k for k, v in KINDS.items() if v.derive is not None]
+    if kind not in kinds:
+        raise ConfigError(f"variant.kind must be one of {', '.join(map(repr, kinds))}, got {kind!r}")
+    return parse(KINDS[kind].options, raw, "variant")
+
+
+def _data(raw: Any, root: Path) -> datasets.DataFile | None:
+    if raw is None:
+        return None
+    options = parse(DataOptions, raw, "data")
+    return datasets.DataFile(root / options.file, options.task)
 
 
 def _read(path: Path) -> dict[str, Any]:
@@ -153,10 +275,6 @@ def _read(path: Path) -> dict[str, Any]:
     return raw
 
 
-#: A variant's weights file is made by the archiver, named after it, with this suffix per kind.
-_SUFFIX = {"onnx": ".onnx", "exported": ".pt2"}
-
-
 def _inherit(base: dict[str, Any], variant: dict[str, Any]) -> dict[str, Any]:
     """A variant's config: its base's, with the variant's sections merged over it."""
     merged = {k: v for k, v in base.items() if k not in ("training", "weights", "description", "fidelity")}
@@ -165,35 +283,22 @@ def _inherit(base: dict[str, Any], variant: dict[str, Any]) -> dict[str, Any]:
             merged[key] = {**merged[key], **value}
         else:
             merged[key] = value
-    kind = str((variant.get("variant") or {}).get("kind", ""))
-    merged.setdefault("weights", f"artifacts/{variant.get('name')}{_SUFFIX.get(kind, '.pt')}")
+    kind = KINDS.get(str((variant.get("variant") or {}).get("kind", "")))
+    merged.setdefault("weights", f"artifacts/{variant.get('name')}{kind.suffix if kind else '.pt'}")
     return merged
 
 
 def load_specs(config_dir: Path, names: list[str] | None = None) -> list[ModelSpec]:
-    """Every ``*.yaml`` in ``config_dir`` (or just ``names``), sorted by name."""
-    specs = [load_spec(p) for p in sorted(Path(config_dir).glob("*.yaml"))]
+    """Every ``*.yaml`` in ``config_dir`` (or just ``names`` and what they derive from), sorted by name."""
+    config_dir = Path(config_dir)
+    paths = sorted(config_dir.glob("*.yaml"))
+    if not paths:
+        raise ArchiverError(f"no model configs (*.yaml) in {config_dir.resolve()}: write one with `ts-archive init NAME ...`")
+    specs = [load_spec(p) for p in paths]
     if names:
-        known = {s.name for s in specs}
+        known = {s.name for s in specs} | {s.source.stem for s in specs}
         unknown = [n for n in names if n not in known]
         if unknown:
-            raise ArchiverError(f"no model config named {', '.join(unknown)} in {config_dir} (have: {', '.join(sorted(known))})")
-        specs = [s for s in specs if s.name in names]
+            raise ArchiverError(f"no model config named {', '.join(unknown)} in {config_dir} (have: {', '.join(sorted(s.name for s in specs))})")
+        specs = [s for s in specs if s.name in names or s.source.stem in names]
     return specs
-
-
-def _serve_section(serve: dict[str, Any], where: str) -> dict[str, Any]:
-    for key, value in serve.items():
-        if key not in SERVE_KEYS:
-            raise ArchiverError(f"{where}: serve.{key} is not a TorchServe model-config key (known: {', '.join(SERVE_KEYS)})")
-        expected = SERVE_KEYS[key]
-        if not isinstance(value, expected) or isinstance(value, bool):
-            raise ArchiverError(f"{where}: serve.{key} must be {expected.__name__}, got {value!r}")
-        if expected is int and value < (0 if key == "maxBatchDelay" else 1):
-            raise ArchiverError(f"{where}: serve.{key} must be positive, got {value}")
-    device = serve.get("deviceType", DeviceType.CPU.value)
-    if device not in {d.value for d in DeviceType}:
-        raise ArchiverError(f"{where}: serve.deviceType must be one of {[d.value for d in DeviceType]}, got {device!r}")
-    if serve.get("minWorkers", 1) > serve.get("maxWorkers", serve.get("minWorkers", 1)):
-        raise ArchiverError(f"{where}: serve.minWorkers ({serve['minWorkers']}) exceeds serve.maxWorkers ({serve['maxWorkers']})")
-    return serve

@@ -6,13 +6,23 @@ response (:meth:`BatchHandler.encode`). Batching, per-request errors,
 explanations and the batch contract (one answer per request, in order) live
 here, once.
 
-Example:
-    class TabularHandler(BatchHandler):
-        def decode(self, request):
+Example, a handler of one's own (named in a model config as ``handler: {entry: my_handler.py}``):
+
+    from dataclasses import dataclass
+    from serveready.handlers import BatchHandler, Decoded, HandlerOptions, option
+
+    @dataclass(frozen=True, kw_only=True)
+    class ScoreOptions(HandlerOptions):
+        scale: float = option(1.0, doc="multiplies every score")
+
+    class ScoreHandler(BatchHandler):
+        options_type = ScoreOptions
+
+        def decode(self, request, headers):
             return Decoded(parse_rows(...))
 
         def encode(self, item, outputs):
-            return {"predictions": outputs.tolist()}
+            return {"scores": (outputs * self.options.scale).tolist()}
 """
 
 from __future__ import annotations
@@ -21,13 +31,19 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
-from handlers.errors import ExplanationsUnavailable, HandlerError, InvalidInput
-from handlers.loaders import load_model
-from handlers.runtime import default_threads, limit_threads, select_device
+from .config import HandlerOptions, ModelOptions, parse
+from .errors import ExplanationsUnavailable, HandlerError, InvalidInput
+from .loaders import load_model
+from .runtime import default_threads, limit_threads, select_device
+
+try:
+    from .. import __version__
+except ImportError:  # the handlers package copied without its parent
+    __version__ = "unknown"
 
 logger = logging.getLogger(__name__)
 
@@ -47,31 +63,56 @@ class Decoded:
 
 
 class BatchHandler:
-    """Shared TorchServe handler: batching, validation errors as 400s, eval-mode inference."""
+    """Shared TorchServe handler: batching, validation errors as 400s, eval-mode inference.
+
+    ``options_type`` is the dataclass of the ``handler:`` options this kind takes;
+    :meth:`check` cross-checks them against the model (the archiver calls both at
+    build time, so a bad option fails the build, not the worker).
+    """
+
+    options_type: ClassVar[type[HandlerOptions]] = HandlerOptions
 
     def __init__(self) -> None:
         self.model: Model | None = None
         self.device = torch.device("cpu")
-        self.options: dict[str, Any] = {}
+        self.options: Any = HandlerOptions()
+        self.model_options: ModelOptions | None = None
         self.model_dir = Path(".")
         self.initialized = False
 
+    @classmethod
+    def check(cls, options: Any, model: ModelOptions) -> None:
+        """Refuse options that cannot work with ``model`` (raise ConfigError naming the key); none here."""
+
+    @classmethod
+    def read_options(cls, config: Mapping[str, Any]) -> tuple[Any, ModelOptions]:
+        """This kind's validated ``handler:`` options and the ``model:`` section of a model-config mapping."""
+        options = parse(cls.options_type, config.get("handler"), "handler")
+        model = parse(ModelOptions, config.get("model"), "model")
+        cls.check(options, model)
+        return options, model
+
     # -- load time ---------------------------------------------------------
     def initialize(self, context: Any) -> None:
-        """Read the archive's config, pick device and threads, load the model."""
+        """Read and validate the archive's config, pick device and threads, load the model."""
         properties = context.system_properties
         config = dict(context.model_yaml_config or {})
-        self.options = dict(config.get("handler") or {})
+        self.options, self.model_options = self.read_options(config)
         self.model_dir = Path(properties["model_dir"])
-        limit_threads(int(self.options.get("torch_threads") or default_threads(config)))
+        limit_threads(self.options.torch_threads or default_threads(config))
         self.device = select_device(properties.get("gpu_id"))
         self.model = self.load_model(self.model_dir, context.manifest or {})
         self.initialized = True
-        logger.info("loaded %s on %s with %d torch threads", context.model_name, self.device, torch.get_num_threads())
+        logger.info(
+            "serveready %s %s (code in %s): %s model %s on %s, %d torch thread(s)",
+            __version__, type(self).__name__, Path(__file__).parent, self.model_options.format,
+            context.model_name, self.device, torch.get_num_threads(),
+        )
 
     def load_model(self, model_dir: Path, manifest: Mapping[str, Any]) -> Model:
-        """Load the archive's model with the loader its ``handler.format`` names (default: eager)."""
-        return load_model(model_dir, manifest, self.options, self.device)
+        """Load the archive's model with the loader its ``model.format`` names."""
+        assert self.model_options is not None
+        return load_model(model_dir, manifest, self.model_options, self.device, torch.get_num_threads())
 
     # -- per request hooks -------------------------------------------------
     def decode(self, request: Mapping[str, Any], headers: Mapping[str, str]) -> Decoded:
@@ -114,7 +155,8 @@ class BatchHandler:
     def attribute(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Outputs and Integrated Gradients attributions (Captum) for ``batch``."""
         if getattr(self.model, "differentiable", True) is False:
-            raise ExplanationsUnavailable(f"explanations need gradients, and this archive's {self.options.get('format')} model has none: ask the fp32 model")
+            fmt = self.model_options.format if self.model_options else "loaded"
+            raise ExplanationsUnavailable(f"explanations need gradients, and this archive's {fmt} model has none: ask the fp32 model")
         try:
             from captum.attr import IntegratedGradients
         except ImportError:
@@ -123,7 +165,7 @@ class BatchHandler:
         inputs = batch.to(self.device).clone().requires_grad_(True)
         with torch.enable_grad():
             attributions = IntegratedGradients(self.model).attribute(
-                inputs, baselines=torch.zeros_like(inputs), target=self._on_device(self.explain_target(outputs)), n_steps=int(self.options.get("ig_steps", 50))
+                inputs, baselines=torch.zeros_like(inputs), target=self._on_device(self.explain_target(outputs)), n_steps=self.options.ig_steps
             )
         return outputs, attributions.detach().float().cpu()
 

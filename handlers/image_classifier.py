@@ -1,58 +1,94 @@
-"""TorchServe entry point for the 8x8 digits classifier (or any small image classifier).
+"""TorchServe handler for image classifiers (``handler: {entry: image_classifier}``).
 
 Request, one image each:
-    raw PNG/JPEG body                      (curl --data-binary @digit.png)
+    raw PNG/JPEG body                      (curl --data-binary @cat.png)
     {"image": "<base64 PNG/JPEG>", "k": 3}
-    {"inputs": [[8 numbers] x 8], "k": 3}  ink counts 0..16, as sklearn's digits.images
+    {"inputs": <the model's input for one image>, "k": 3}
+        preprocess standard: channels x height x width numbers (height x width for grey models),
+                             already resized and normalised
+        preprocess digits:   8 rows of 8 ink counts 0..16, as sklearn's digits.images
     an ``X-Top-K: 5`` request header also sets k (the only way for a raw image body).
-Response: {"predictions": [{"class": "3", "index": 3, "probability": 0.98}, ...]}  top k.
-/explanations adds "input" (the 8x8 the model saw, 0..1) and "attributions" (8x8).
-
-TorchServe's loader wants exactly one class defined in this module.
+Response: {"predictions": [{"class": "cat", "index": 3, "probability": 0.98}, ...]}  top k.
+/explanations adds "input" (what the model saw) and "attributions" (same shape).
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 
-from handlers.base import BatchHandler, Decoded
-from handlers.errors import InvalidInput, ModelLoadError
-from handlers.images import GRID, decode_base64, open_image, to_digit_grid
-from handlers.payload import decode_json, parse_rows, request_body
+from .base import BatchHandler, Decoded
+from .config import ImageOptions, ModelOptions
+from .errors import ConfigError, InvalidInput, ModelLoadError
+from .images import GRID, decode_base64, open_image, resized_size, standard_input, to_digit_grid
+from .labels import read_class_names
+from .payload import decode_json, parse_array, parse_rows, request_body
 
+#: The digits data set's largest ink count per 4x4 block.
 INK_MAX = 16.0
 #: Raw image bodies carry k in this header (TorchServe 0.12 drops query strings of predictions).
-TOP_K_HEADER = "x-top-k"  # the digits data set's largest ink count per block
+TOP_K_HEADER = "x-top-k"
 
 
 class ImageClassifierHandler(BatchHandler):
     """One image per request in, its top-k classes with probabilities out."""
 
+    options_type = ImageOptions
+    options: ImageOptions
+
+    @classmethod
+    def check(cls, options: ImageOptions, model: ModelOptions) -> None:
+        shape = list(model.sample_shape)
+        if options.preprocess == "digits":
+            if shape[1:] != [1, GRID, GRID]:
+                raise ConfigError(f"handler.preprocess 'digits' makes 1x8x8 inputs, but model.sample_shape is {shape}")
+            return
+        if len(shape) != 4 or shape[1] not in (1, 3):
+            raise ConfigError(f"model.sample_shape must be [batch, channels (1 or 3), height, width] for image classifiers, got {shape}")
+        channels, size = shape[1], (shape[2], shape[3])
+        for key in ("mean", "std"):
+            value = getattr(options, key)
+            if value is not None and len(value) not in (1, channels):
+                raise ConfigError(f"handler.{key} needs 1 or {channels} values for {channels}-channel inputs, got {list(value)}")
+        final = _final_size(options, size)
+        if final is None:
+            raise ConfigError(f"handler.resize {list(options.resize or ())} keeps each image's aspect ratio: add crop: {list(size)} so every image becomes {size[0]}x{size[1]}")
+        if final != size:
+            raise ConfigError(f"handler.resize/crop make {final[0]}x{final[1]} images, but model.sample_shape {shape} takes {size[0]}x{size[1]}")
+
     def initialize(self, context: Any) -> None:
         super().initialize(context)
-        path = self.model_dir / str(self.options.get("classes_file", "index_to_name.json"))
-        try:
-            mapping = json.loads(path.read_text())
-            self.names = [str(mapping[str(i)]) for i in range(len(mapping))]
-        except (OSError, ValueError, KeyError) as err:
-            raise ModelLoadError(f"class names file {path.name} is missing or not an index -> name mapping: {err}") from err
+        assert self.model is not None and self.model_options is not None
+        with torch.inference_mode():  # also warms the model up before the first request
+            outputs = self.model(torch.zeros((1, *self.model_options.sample_shape[1:])).to(self.device))
+        self.classes = int(outputs.shape[-1])
+        if self.options.classes_file is None:
+            self.names = [str(i) for i in range(self.classes)]
+            return
+        self.names = read_class_names(self.model_dir / self.options.classes_file)
+        if len(self.names) != self.classes:
+            raise ModelLoadError(f"class names file {self.options.classes_file} names {len(self.names)} classes, the model has {self.classes} outputs")
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """One image's model input: (channels, height, width)."""
+        assert self.model_options is not None, "initialize() was not called"
+        return tuple(self.model_options.sample_shape[1:])
 
     def decode(self, request: Mapping[str, Any], headers: Mapping[str, str]) -> Decoded:
         body = request_body(request)
         k = headers.get(TOP_K_HEADER)
         if isinstance(body, (bytes, bytearray)) and not bytes(body[:64]).lstrip().startswith(b"{"):
-            grid = self._image(bytes(body))
+            rows = self._image(bytes(body))
         else:
             document = decode_json(body)
             if not isinstance(document, dict) or not ({"image", "inputs"} & set(document)):
-                raise InvalidInput('send a PNG/JPEG body, or JSON {"image": "<base64>"} or {"inputs": [[8 numbers] x 8]}')
+                raise InvalidInput(f'send a PNG/JPEG body, or JSON {{"image": "<base64>"}} or {{"inputs": {self._inputs_example()}}}')
             k = document.get("k", k)
-            grid = self._image(decode_base64(document["image"])) if "image" in document else _ink_grid(document["inputs"])
-        return Decoded(grid.reshape(1, 1, GRID, GRID), {"k": self._k(k)})
+            rows = self._image(decode_base64(document["image"])) if "image" in document else self._inputs(document["inputs"])
+        return Decoded(rows.reshape(1, *self.input_shape), {"k": self._k(k)})
 
     def encode(self, item: Decoded, outputs: torch.Tensor) -> dict[str, Any]:
         probabilities = torch.softmax(outputs[0], dim=0)
@@ -65,28 +101,57 @@ class ImageClassifierHandler(BatchHandler):
         }
 
     def encode_explanation(self, item: Decoded, outputs: torch.Tensor, attributions: torch.Tensor) -> dict[str, Any]:
+        shape = (GRID, GRID) if self.options.preprocess == "digits" else self.input_shape
         return {
             **self.encode(item, outputs),
-            "input": item.rows.reshape(GRID, GRID).tolist(),
-            "attributions": attributions.reshape(GRID, GRID).tolist(),
+            "input": item.rows.reshape(shape).tolist(),
+            "attributions": attributions.reshape(shape).tolist(),
         }
 
     def _image(self, data: bytes) -> torch.Tensor:
-        return to_digit_grid(open_image(data, int(self.options.get("max_pixels", 25_000_000))))
+        image = open_image(data, self.options.max_pixels)
+        if self.options.preprocess == "digits":
+            return to_digit_grid(image)
+        channels, height, width = self.input_shape
+        o = self.options
+        return standard_input(image, channels, (height, width), o.resize, o.crop, o.mean, o.std)
+
+    def _inputs(self, inputs: Any) -> torch.Tensor:
+        if self.options.preprocess == "digits":
+            return _ink_grid(inputs)
+        channels, height, width = self.input_shape
+        grey_2d = channels == 1 and isinstance(inputs, list) and len(inputs) == height and height != 1
+        return parse_array(inputs, (height, width) if grey_2d else self.input_shape)
+
+    def _inputs_example(self) -> str:
+        if self.options.preprocess == "digits":
+            return f"[[{GRID} numbers] x {GRID}]"
+        return " x ".join(map(str, self.input_shape)) + " numbers"
 
     def _k(self, value: Any) -> int:
-        default, classes = int(self.options.get("top_k", 3)), len(self.names)
         if value is None:
-            return min(default, classes)
+            return min(self.options.top_k, self.classes)
         if isinstance(value, (bytes, bytearray)):
             value = bytes(value).decode("utf-8", "replace")
         try:
             k = int(value)
         except (TypeError, ValueError):
             k = 0
-        if isinstance(value, bool) or isinstance(value, float) or not 1 <= k <= classes:
-            raise InvalidInput(f"k must be a whole number from 1 to {classes}, got {value!r}")
+        if isinstance(value, bool) or isinstance(value, float) or not 1 <= k <= self.classes:
+            raise InvalidInput(f"k must be a whole number from 1 to {self.classes}, got {value!r}")
         return k
+
+
+def _final_size(options: ImageOptions, size: tuple[int, int]) -> tuple[int, int] | None:
+    """The (height, width) every image ends up with, or None when it depends on the image."""
+    if options.crop is not None:
+        return options.crop[0], options.crop[-1]
+    if options.resize is None:
+        return size
+    if len(options.resize) == 2:
+        width, height = resized_size(1, 1, options.resize)
+        return height, width
+    return None
 
 
 def _ink_grid(inputs: Any) -> torch.Tensor:

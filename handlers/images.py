@@ -1,7 +1,12 @@
-"""Turn an uploaded image into the digits model's 8x8 input.
+"""Turn an uploaded image into a model's input: torchvision's conventions, or the digits' 8x8 ink grid.
 
 Pillow and torch only (both on every TorchServe host); no numpy, which torch
-does not require.
+does not require, and no torchvision, which few TorchServe hosts have.
+
+``standard_input`` does what a torchvision pipeline of ``Resize``, ``CenterCrop``,
+``ToTensor`` and ``Normalize`` does to a PIL image (bilinear resampling, the same
+rounding of the crop box, zero padding when the crop is larger than the image), so a
+classifier trained with those transforms sees the same numbers here.
 
 scikit-learn's digits were made from 32x32 binary bitmaps, normalised so the
 digit's height fills the frame, by counting the ink pixels in each 4x4 block
@@ -22,7 +27,7 @@ import struct
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from handlers.errors import InvalidInput
+from .errors import InvalidInput
 
 FRAME = 32
 GRID = 8
@@ -47,7 +52,7 @@ def decode_base64(text: object) -> bytes:
 
 
 def open_image(data: bytes, max_pixels: int) -> Image.Image:
-    """Decode PNG or JPEG bytes into a grey ("L") image; transparent areas become white paper.
+    """Decode PNG or JPEG bytes, refusing what is not a whole, bounded image before it costs memory.
 
     Raises:
         InvalidInput: not an image, another format, zero-size, over ``max_pixels``, or truncated.
@@ -77,10 +82,73 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
         image.load()
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         raise InvalidInput(f"image cannot be decoded (truncated or corrupt {image.format}): {err}") from None
+    return image
+
+
+def grey_on_paper(image: Image.Image) -> Image.Image:
+    """A grey ("L") image; transparent areas become white paper, as on a scanned page."""
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         paper = Image.new("RGBA", image.size, (255, 255, 255, 255))
         image = Image.alpha_composite(paper, image.convert("RGBA"))
     return image.convert("L")
+
+
+def resized_size(width: int, height: int, resize: tuple[int, ...]) -> tuple[int, int]:
+    """(width, height) after torchvision's ``Resize``: [size] scales the shorter side, keeping aspect."""
+    if len(resize) == 2:
+        return resize[1], resize[0]
+    short, long = (width, height) if width <= height else (height, width)
+    new_short, new_long = resize[0], int(resize[0] * long / short)
+    return (new_short, new_long) if width <= height else (new_long, new_short)
+
+
+def center_crop(image: Image.Image, height: int, width: int) -> Image.Image:
+    """torchvision's ``CenterCrop``: zero padding where the image is smaller, then the centred box."""
+    w, h = image.size
+    if width > w or height > h:
+        canvas = Image.new(image.mode, (max(w, width), max(h, height)), 0)
+        canvas.paste(image, ((width - w) // 2 if width > w else 0, (height - h) // 2 if height > h else 0))
+        image, (w, h) = canvas, canvas.size
+    top, left = int(round((h - height) / 2.0)), int(round((w - width) / 2.0))
+    return image.crop((left, top, left + width, top + height))
+
+
+def standard_input(
+    image: Image.Image,
+    channels: int,
+    size: tuple[int, int],
+    resize: tuple[int, ...] | None = None,
+    crop: tuple[int, ...] | None = None,
+    mean: tuple[float, ...] | None = None,
+    std: tuple[float, ...] | None = None,
+) -> torch.Tensor:
+    """The (channels, height, width) float input of an ordinary image classifier.
+
+    Args:
+        image: the decoded image, any mode.
+        channels: 3 (RGB) or 1 (grey).
+        size: the model's (height, width); with neither ``resize`` nor ``crop`` the image is resized to it.
+        resize: [size] (shorter side, aspect kept) or [height, width].
+        crop: [size] or [height, width], taken from the centre after resizing.
+        mean, std: per channel (or one for all), applied to values scaled to 0..1.
+    """
+    image = image.convert("RGB" if channels == 3 else "L")
+    if resize is None and crop is None:
+        resize = size
+    if resize is not None:
+        target = resized_size(*image.size, resize)
+        if target != image.size:
+            image = image.resize(target, Image.Resampling.BILINEAR)
+    if crop is not None:
+        image = center_crop(image, crop[0], crop[-1])
+    width, height = image.size
+    pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+    tensor = pixels.reshape(height, width, channels).permute(2, 0, 1).float().div(255.0)
+    if mean is not None:
+        tensor = tensor - torch.tensor(mean, dtype=torch.float32).reshape(-1, 1, 1)
+    if std is not None:
+        tensor = tensor / torch.tensor(std, dtype=torch.float32).reshape(-1, 1, 1)
+    return tensor
 
 
 def _pixels(image: Image.Image) -> list[float]:
@@ -109,9 +177,9 @@ def ink_map(grey: Image.Image) -> Image.Image:
     return ink.point([min(255, max(0, round((v - paper) * 255 / peak))) for v in range(256)])
 
 
-def to_digit_grid(grey: Image.Image) -> torch.Tensor:
+def to_digit_grid(image: Image.Image) -> torch.Tensor:
     """The (8, 8) ink fractions in [0, 1], made the way the training data was made."""
-    ink = ink_map(grey)
+    ink = ink_map(grey_on_paper(image))
     box = ink.point([255 if v > INK_THRESHOLD * 255 else 0 for v in range(256)]).getbbox()
     crop = ink.crop(box).convert("F")
     width, height = crop.size

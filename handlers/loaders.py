@@ -1,4 +1,4 @@
-"""One small loader per model format; the handler picks one by ``handler.format``.
+"""One small loader per model format; the handler picks one by ``model.format``.
 
     eager         model file + state_dict (fp32, pruned, distilled models)
     int8_dynamic  Linear layers quantized to int8 (torch.ao dynamic quantization)
@@ -22,11 +22,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from handlers.errors import ModelLoadError
-from handlers.runtime import build_module, load_eager_model, load_weights_into
+from .config import ModelOptions
+from .errors import ModelLoadError
+from .runtime import build_module, load_eager_model, load_weights_into
 
 Model = Callable[[torch.Tensor], torch.Tensor]
-Loader = Callable[[Path, Mapping[str, Any], Mapping[str, Any], torch.device], Model]
+Loader = Callable[[Path, Mapping[str, Any], ModelOptions, torch.device, int], Model]
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -46,9 +47,9 @@ def _files(model_dir: Path, manifest: Mapping[str, Any]) -> tuple[Path, Path]:
     return model_dir / entry.get("modelFile", ""), model_dir / entry.get("serializedFile", "")
 
 
-def _module(model_dir: Path, manifest: Mapping[str, Any], options: Mapping[str, Any]) -> nn.Module:
+def _module(model_dir: Path, manifest: Mapping[str, Any], model: ModelOptions) -> nn.Module:
     model_file, _ = _files(model_dir, manifest)
-    return build_module(model_file, str(options.get("model_class", "")), options.get("model_kwargs") or {}).eval()
+    return build_module(model_file, model.class_name or "", model.kwargs).eval()
 
 
 def _load_into(model: nn.Module, weights: Path, what: str) -> nn.Module:
@@ -62,9 +63,9 @@ def _no_gradients(model: Model) -> Model:
     return model
 
 
-def load_eager(model_dir: Path, manifest: Mapping[str, Any], options: Mapping[str, Any], device: torch.device) -> Model:
+def load_eager(model_dir: Path, manifest: Mapping[str, Any], model: ModelOptions, device: torch.device, threads: int = 0) -> Model:
     model_file, weights = _files(model_dir, manifest)
-    return load_eager_model(model_file, str(options.get("model_class", "")), options.get("model_kwargs") or {}, weights, device)
+    return load_eager_model(model_file, model.class_name or "", model.kwargs, weights, device)
 
 
 def quantize_dynamic_int8(model: nn.Module) -> nn.Module:
@@ -73,10 +74,10 @@ def quantize_dynamic_int8(model: nn.Module) -> nn.Module:
         return torch.ao.quantization.quantize_dynamic(copy.deepcopy(model).eval(), {nn.Linear}, dtype=torch.qint8)
 
 
-def load_int8_dynamic(model_dir: Path, manifest: Mapping[str, Any], options: Mapping[str, Any], device: torch.device) -> Model:
+def load_int8_dynamic(model_dir: Path, manifest: Mapping[str, Any], model: ModelOptions, device: torch.device, threads: int = 0) -> Model:
     # Quantized kernels are CPU kernels: a GPU worker still runs this variant on its CPU.
     _, weights = _files(model_dir, manifest)
-    return _no_gradients(_load_into(quantize_dynamic_int8(_module(model_dir, manifest, options)), weights, "int8 dynamic"))
+    return _no_gradients(_load_into(quantize_dynamic_int8(_module(model_dir, manifest, model)), weights, "int8 dynamic"))
 
 
 def prepare_static_int8(model: nn.Module, sample_shape: tuple[int, ...]) -> nn.Module:
@@ -95,37 +96,35 @@ def convert_static_int8(prepared: nn.Module) -> nn.Module:
         return convert_fx(prepared)
 
 
-def load_int8_static(model_dir: Path, manifest: Mapping[str, Any], options: Mapping[str, Any], device: torch.device) -> Model:
+def load_int8_static(model_dir: Path, manifest: Mapping[str, Any], model: ModelOptions, device: torch.device, threads: int = 0) -> Model:
     _, weights = _files(model_dir, manifest)
-    shape = tuple(options.get("sample_shape") or ())
+    shape = model.sample_shape
     # Same tracing and conversion as at build time gives the same module structure;
     # the archive's state_dict then supplies the int8 weights, scales and zero points.
-    structure = convert_static_int8(prepare_static_int8(_module(model_dir, manifest, options), shape))
+    structure = convert_static_int8(prepare_static_int8(_module(model_dir, manifest, model), shape))
     return _no_gradients(_load_into(structure, weights, "int8 static"))
 
 
-def load_half(model_dir: Path, manifest: Mapping[str, Any], options: Mapping[str, Any], device: torch.device) -> Model:
+def load_half(model_dir: Path, manifest: Mapping[str, Any], model: ModelOptions, device: torch.device, threads: int = 0) -> Model:
     _, weights = _files(model_dir, manifest)
-    name = str(options.get("dtype", "float16"))
-    if name not in DTYPES:
-        raise ModelLoadError(f"handler.dtype {name!r} is not one of {sorted(DTYPES)}")
+    name = model.dtype or "float16"
     dtype = DTYPES[name]
-    model = _load_into(_module(model_dir, manifest, options).to(dtype), weights, name).to(device)
+    module = _load_into(_module(model_dir, manifest, model).to(dtype), weights, name).to(device)
 
     def run(batch: torch.Tensor) -> torch.Tensor:
-        return model(batch.to(device=device, dtype=dtype)).float()
+        return module(batch.to(device=device, dtype=dtype)).float()
 
     return run
 
 
-def load_onnx(model_dir: Path, manifest: Mapping[str, Any], options: Mapping[str, Any], device: torch.device) -> Model:
+def load_onnx(model_dir: Path, manifest: Mapping[str, Any], model: ModelOptions, device: torch.device, threads: int = 0) -> Model:
     try:
         import onnxruntime as ort
     except ImportError:
         raise ModelLoadError("this archive needs onnxruntime on the TorchServe host: pip install onnxruntime") from None
     _, weights = _files(model_dir, manifest)
     settings = ort.SessionOptions()
-    settings.intra_op_num_threads = int(options.get("torch_threads") or 0)
+    settings.intra_op_num_threads = threads
     settings.inter_op_num_threads = 1
     providers = ["CPUExecutionProvider"]
     if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
@@ -142,7 +141,7 @@ def load_onnx(model_dir: Path, manifest: Mapping[str, Any], options: Mapping[str
     return _no_gradients(run)
 
 
-def load_exported(model_dir: Path, manifest: Mapping[str, Any], options: Mapping[str, Any], device: torch.device) -> Model:
+def load_exported(model_dir: Path, manifest: Mapping[str, Any], model: ModelOptions, device: torch.device, threads: int = 0) -> Model:
     _, weights = _files(model_dir, manifest)
     try:
         program = torch.export.load(str(weights))
@@ -161,9 +160,16 @@ LOADERS: dict[str, Loader] = {
 }
 
 
-def load_model(model_dir: Path, manifest: Mapping[str, Any], options: Mapping[str, Any], device: torch.device) -> Model:
-    """Load the archive's model with the loader its ``handler.format`` names."""
-    fmt = str(options.get("format", "eager"))
-    if fmt not in LOADERS:
-        raise ModelLoadError(f"handler.format {fmt!r} is not one of {sorted(LOADERS)}")
-    return LOADERS[fmt](model_dir, manifest, options, device)
+def load_model(model_dir: Path, manifest: Mapping[str, Any], model: ModelOptions, device: torch.device, threads: int = 0) -> Model:
+    """Load the archive's model with the loader its ``model.format`` names.
+
+    Args:
+        model_dir: the unpacked archive.
+        manifest: its ``MAR-INF/MANIFEST.json`` (names the model file and weights).
+        model: the ``model:`` section of its model-config.yaml.
+        device: the worker's device.
+        threads: torch threads per worker (an ONNX Runtime session gets as many; 0: its default).
+    """
+    if model.format not in LOADERS:
+        raise ModelLoadError(f"model.format {model.format!r} is not one of {sorted(LOADERS)}")
+    return LOADERS[model.format](model_dir, manifest, model, device, threads)

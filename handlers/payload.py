@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from handlers.errors import InvalidInput
+from .errors import InvalidInput
 
 _BODY_KEYS = ("body", "data")
 _FLOAT32_MAX = torch.finfo(torch.float32).max
@@ -96,19 +96,41 @@ def parse_rows(inputs: Any, width: int, max_rows: int) -> torch.Tensor:
     for r, row in enumerate(rows):
         if len(row) != width:
             raise InvalidInput(f"row {r} has {len(row)} values, expected {width}")
-    return torch.tensor([[_number(value, r, c) for c, value in enumerate(row)] for r, row in enumerate(rows)], dtype=torch.float32)
+    return torch.tensor([[_number(value, f"row {r}, column {c}") for c, value in enumerate(row)] for r, row in enumerate(rows)], dtype=torch.float32)
 
 
-def _number(value: Any, row: int, col: int) -> float:
+def parse_array(inputs: Any, shape: tuple[int, ...], name: str = "'inputs'") -> torch.Tensor:
+    """Validate nested lists of exactly ``shape`` (e.g. channels x height x width) into a float32 tensor.
+
+    Raises:
+        InvalidInput: naming the first index whose list has the wrong length or whose value is not a number.
+    """
+    flat: list[float] = []
+
+    def walk(value: Any, depth: int, where: str) -> None:
+        if depth == len(shape):
+            flat.append(_number(value, where))
+            return
+        if not isinstance(value, list) or len(value) != shape[depth]:
+            got = f"{len(value)} items" if isinstance(value, list) else f"a JSON {_json_type(value)}"
+            raise InvalidInput(f"{where} must be a list of {shape[depth]} items (shape {list(shape)}), got {got}")
+        for i, item in enumerate(value):
+            walk(item, depth + 1, f"{where}[{i}]")
+
+    walk(inputs, 0, name)
+    return torch.tensor(flat, dtype=torch.float32).reshape(shape)
+
+
+def _number(value: Any, where: str) -> float:
     # bool is an int subclass in Python, but `true` is not a feature value.
     if type(value) not in (int, float):
-        raise InvalidInput(f"row {row}, column {col} is {_describe(value)}, expected a number")
+        raise InvalidInput(f"{where} is {_describe(value)}, expected a number")
     try:
         number = float(value)
     except OverflowError:  # an integer too large for a float
         number = math.inf
     if not math.isfinite(number) or abs(number) > _FLOAT32_MAX:
-        raise InvalidInput(f"row {row}, column {col} is {_describe(value)}, expected a finite number within float32 range")
+        raise InvalidInput(f"{where} is {_describe(value)}, expected a finite number within float32 range")
     return number
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from handlers.errors import ModelLoadError
+from .errors import ModelLoadError
 
 logger = logging.getLogger(__name__)
 

@@ -1,10 +1,7 @@
-"""TorchServe entry point for models that take rows of numbers.
+"""TorchServe handler for models that take rows of numbers (``handler: {entry: tabular}``).
 
 Request:  {"inputs": [x1, ..., xN]}  or  {"inputs": [[...], [...]]}
 Response: {"predictions": [[y, ...], ...]}  one entry per input row, in order.
-
-TorchServe's loader wants exactly one class defined in this module, so every
-helper lives in other modules of the ``handlers`` package.
 """
 
 from __future__ import annotations
@@ -14,19 +11,35 @@ from typing import Any
 
 import torch
 
-from handlers.base import BatchHandler, Decoded
-from handlers.payload import decode_json, json_field, parse_rows, request_body
+from .base import BatchHandler, Decoded
+from .config import ModelOptions, TabularOptions
+from .errors import ConfigError
+from .payload import decode_json, json_field, parse_rows, request_body
 
 
 class TabularHandler(BatchHandler):
     """Rows of ``input_width`` numbers in, one prediction row per input row out."""
 
+    options_type = TabularOptions
+    options: TabularOptions
+
+    @classmethod
+    def check(cls, options: TabularOptions, model: ModelOptions) -> None:
+        if len(model.sample_shape) != 2:
+            raise ConfigError(f"model.sample_shape must be [rows, features] for tabular handlers, got {list(model.sample_shape)}")
+        if options.input_width is not None and options.input_width != model.sample_shape[1]:
+            raise ConfigError(f"handler.input_width {options.input_width} differs from model.sample_shape {list(model.sample_shape)}: rows of {model.sample_shape[1]} numbers")
+
+    @property
+    def width(self) -> int:
+        """Numbers per row: ``input_width``, else the model's sample shape."""
+        assert self.model_options is not None, "initialize() was not called"
+        return self.options.input_width or self.model_options.sample_shape[1]
+
     def decode(self, request: Mapping[str, Any], headers: Mapping[str, str]) -> Decoded:
-        width = int(self.options.get("input_width", 0))
-        example = f'{{"inputs": [{width} numbers]}}'
-        inputs = json_field(decode_json(request_body(request)), "inputs", example)
-        rows = parse_rows(inputs, width, int(self.options.get("max_rows", 1024)))
-        return Decoded(rows)
+        width = self.width
+        inputs = json_field(decode_json(request_body(request)), "inputs", f'{{"inputs": [{width} numbers]}}')
+        return Decoded(parse_rows(inputs, width, self.options.max_rows))
 
     def encode(self, item: Decoded, outputs: torch.Tensor) -> dict[str, Any]:
         return {"predictions": outputs.tolist()}

@@ -21,10 +21,11 @@ from pathlib import Path
 
 import requests
 
-from archiver.report import machine
-from scripts import manage
-from scripts.runinfo import RunDir, ScriptError, TokenKind
-from scripts.server import isolated, start, stop
+from serveready.archiver.report import machine
+
+from .client import Inference, Management
+from .runinfo import RunDir, ScriptError
+from .server import isolated, start, stop
 
 DEFAULT_MODELS = "net,net_int8,net_onnx,net_exported,digits,digits_int8,digits_int8_static,digits_bf16,digits_pruned_structured,digits_distilled,digits_onnx,digits_exported"
 ROW = json.dumps({"inputs": [0.1, -0.2, 0.3, 0.0, 1.5, -1.0, 0.7, 0.2, -0.4, 0.9]}).encode()
@@ -50,8 +51,9 @@ def _payload(model: str, image: Path) -> tuple[bytes, str]:
 
 def drive(run: RunDir, model: str, payload: tuple[bytes, str], seconds: float, clients: int) -> Result:
     """``clients`` threads posting ``payload`` to ``model`` for ``seconds``."""
-    url = f"{run.inference_url}/predictions/{model}"
-    headers = {"Authorization": f"Bearer {run.token(TokenKind.INFERENCE)}", "Content-Type": payload[1]}
+    inference = Inference.from_run(run)
+    url = f"{inference.url}/predictions/{model}"
+    headers = inference.headers(payload[1])  # no Authorization header when token authorization is off
     latencies: list[float] = []
     errors = [0]
     lock = threading.Lock()
@@ -98,10 +100,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ts-bench: error: {err.message}", file=sys.stderr)
         return 1
     try:
+        management = Management.from_run(run)
         for i, model in enumerate(models, 1):
             print(f"[{i}/{len(models)}] registering {model}", file=sys.stderr)
-            batching = ["--batch-size", str(args.batch_size), "--max-batch-delay", str(args.max_batch_delay)]
-            if manage.main(["--run-dir", str(run.path), "register", f"{model}.mar", "--workers", "1", *batching]) != 0:
+            try:
+                management.register(f"{model}.mar", batch_size=args.batch_size, max_batch_delay=args.max_batch_delay)
+            except ScriptError as err:
+                print(f"ts-bench: error: {err.message}", file=sys.stderr)
                 return 1
         print(f"warming up the frontend for {args.warmup:.0f}s ...", file=sys.stderr)
         share = args.warmup / len(models)

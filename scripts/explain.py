@@ -15,26 +15,20 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import requests
-
-from scripts.runinfo import RunDir, ScriptError, TokenKind
+from .client import Inference
+from .runinfo import RunDir, ScriptError
 
 CONTENT_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg"}
 
 
 def explain(run: RunDir, model: str, image: Path, timeout: float = 60.0) -> dict[str, Any]:
-    """The handler's explanation for ``image``: predictions, 8x8 input and attributions."""
-    token = run.token(TokenKind.INFERENCE)
-    headers = {"Content-Type": CONTENT_TYPES.get(image.suffix.lower(), "application/octet-stream")}
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
-    url = f"{run.inference_url}/explanations/{model}"
+    """The handler's explanation for ``image``: predictions, the input the model saw, and attributions."""
     try:
-        reply = requests.post(url, data=image.read_bytes(), headers=headers, timeout=timeout)
-    except requests.ConnectionError:
-        raise ScriptError(f"cannot reach TorchServe at {run.inference_url}: is the server running?") from None
+        data = image.read_bytes()
     except OSError as err:
-        raise ScriptError(f"cannot read {image}: {err.strerror}") from None
+        raise ScriptError(f"cannot read {image}: {err.strerror or err}") from None
+    content_type = CONTENT_TYPES.get(image.suffix.lower(), "application/octet-stream")
+    reply = Inference.from_run(run, timeout).post(model, data, content_type, endpoint="explanations")
     try:
         body = reply.json()
     except ValueError:
@@ -53,22 +47,31 @@ def heatmap_path(image: Path) -> Path:
 
 def save_heatmap(image: Path, result: dict[str, Any], out: Path) -> Path:
     """Draw the image, the model's 8x8 input and the attributions side by side."""
-    import matplotlib
-
+    try:
+        import matplotlib
+        import numpy as np
+    except ImportError:
+        raise ScriptError("ts-explain draws with matplotlib: pip install 'serveready[explain]'") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
     from PIL import Image
 
     attributions = np.asarray(result["attributions"], dtype=float)
+    seen = np.asarray(result["input"], dtype=float)
+    if attributions.ndim == 3:  # channels first: one heat-map of all channels
+        attributions = attributions.sum(axis=0)
+    if seen.ndim == 3:
+        seen = seen[0] if seen.shape[0] == 1 else seen.transpose(1, 2, 0)
+    if seen.min() < 0 or seen.max() > 1:  # normalised inputs, shown 0..1
+        seen = (seen - seen.min()) / ((seen.max() - seen.min()) or 1.0)
     limit = float(np.abs(attributions).max()) or 1.0
     top = result["predictions"][0]
     fig, axes = plt.subplots(1, 3, figsize=(9, 3.4))
     with Image.open(image) as sent:
         axes[0].imshow(sent.convert("RGB"))
     axes[0].set_title("sent")
-    axes[1].imshow(np.asarray(result["input"]), cmap="gray", vmin=0, vmax=1)
-    axes[1].set_title("model input (8x8 ink)")
+    axes[1].imshow(seen, cmap="gray", vmin=0, vmax=1)
+    axes[1].set_title(f"model input ({seen.shape[0]}x{seen.shape[1]})")
     shown = axes[2].imshow(attributions, cmap="RdBu_r", vmin=-limit, vmax=limit)
     axes[2].set_title(f"attributions for class {top['class']}")
     fig.colorbar(shown, ax=axes[2], fraction=0.046)

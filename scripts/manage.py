@@ -1,6 +1,6 @@
-"""Talk to TorchServe's management API (also installed as ``ts-manage``).
+"""Talk to TorchServe's management API (installed as ``ts-manage``).
 
-    ts-manage register model_store/net.mar --workers 2 --batch-size 8 --device cpu
+    ts-manage register net.mar --workers 2 --batch-size 8 --device cpu
     ts-manage scale net --min 2 --max 4
     ts-manage describe net | list | set-default net 1.0 | unregister net
 
@@ -15,174 +15,12 @@ import argparse
 import json
 import os
 import sys
-import time
-import zipfile
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import requests
-import yaml
+from serveready.handlers.config import DeviceType
 
-from archiver.spec import DeviceType
-from scripts.runinfo import RunDir, ScriptError, TokenKind
-
-CONFIG_ENTRY = "model-config.yaml"
-
-
-class NotFound(ScriptError):
-    """The server does not know the model (HTTP 404)."""
-
-
-@dataclass(frozen=True)
-class Client:
-    """A management API endpoint and its token."""
-
-    url: str
-    token: str | None
-    timeout: float = 60.0
-
-    def call(self, method: str, path: str, **params: Any) -> Any:
-        """One API call; HTTP and connection errors become one-line ScriptErrors."""
-        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
-        query = {k: v for k, v in params.items() if v is not None}
-        try:
-            reply = requests.request(method, f"{self.url}{path}", params=query, headers=headers, timeout=self.timeout)
-        except requests.ConnectionError:
-            raise ScriptError(f"cannot reach TorchServe's management API at {self.url}: is the server running? (ts-server start)") from None
-        except requests.Timeout:
-            raise ScriptError(f"TorchServe's management API at {self.url} did not answer within {self.timeout:.0f}s") from None
-        body = _json(reply)
-        if reply.ok:
-            return body
-        message = body.get("message", reply.text.strip()) if isinstance(body, dict) else reply.text.strip()
-        if reply.status_code == 400 and "Token Authorization failed" in message:
-            raise ScriptError(f"the management token was refused by {self.url} (expired or from another server): {message}")
-        if reply.status_code == 404:
-            raise NotFound(f"{method} {path} failed with HTTP 404: {message}")
-        if reply.status_code == 405:
-            raise ScriptError(f"{method} {path} is not allowed by the server: is enable_model_api=true in its config.properties?")
-        raise ScriptError(f"{method} {path} failed with HTTP {reply.status_code}: {message}")
-
-
-def _json(reply: requests.Response) -> Any:
-    try:
-        return reply.json()
-    except ValueError:
-        return {}
-
-
-def archive_device(archive: Path) -> str | None:
-    """The deviceType in an archive's model-config.yaml, if it sets one."""
-    try:
-        with zipfile.ZipFile(archive) as mar:
-            config = yaml.safe_load(mar.read(CONFIG_ENTRY)) if CONFIG_ENTRY in mar.namelist() else {}
-    except (zipfile.BadZipFile, yaml.YAMLError) as err:
-        raise ScriptError(f"{archive} is not a readable model archive: {err}") from None
-    return (config or {}).get("deviceType")
-
-
-def retarget_archive(archive: Path, device: DeviceType) -> Path:
-    """Write ``<stem>.<device>.mar`` beside ``archive`` with its model-config deviceType set to ``device``.
-
-    TorchServe's register call has no device parameter: the archive's
-    model-config.yaml decides, so a device choice means an archive that says it.
-    """
-    target = archive.with_name(f"{archive.stem}.{device.value}.mar")
-    with zipfile.ZipFile(archive) as src, zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED) as dst:
-        for item in src.infolist():
-            data = src.read(item)
-            if item.filename == CONFIG_ENTRY:
-                config = yaml.safe_load(data) or {}
-                config["deviceType"] = device.value
-                data = yaml.safe_dump(config, sort_keys=False).encode()
-            dst.writestr(item, data)
-    return target
-
-
-def _archive_in_store(archive: str, store: Path) -> Path:
-    path = Path(archive)
-    candidate = path if path.is_absolute() or path.exists() else store / path
-    candidate = candidate.resolve()
-    if not candidate.is_file():
-        raise ScriptError(f"archive {archive} not found (looked in {store})")
-    if candidate.parent != store.resolve():
-        raise ScriptError(f"{candidate} is outside the model store {store}: the server only loads archives from there (allowed_urls); copy it in")
-    return candidate
-
-
-def _ready_workers(description: Any) -> list[dict[str, Any]]:
-    versions = description if isinstance(description, list) else [description]
-    return [w for v in versions for w in v.get("workers", []) if w.get("status") == "READY"]
-
-
-def wait_ready(client: Client, name: str, workers: int, timeout: float) -> list[dict[str, Any]]:
-    """Poll describe until ``workers`` workers are READY (/ping says Healthy long before that)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        ready = _ready_workers(client.call("GET", f"/models/{name}"))
-        if len(ready) >= workers:
-            return ready
-        if time.monotonic() > deadline:
-            raise ScriptError(f"model {name!r}: {len(ready)} of {workers} workers READY after {timeout:.0f}s; see the server's model_log.log")
-        time.sleep(0.5)
-
-
-def register(client: Client, run: RunDir, args: argparse.Namespace) -> str:
-    device = DeviceType(args.device) if args.device else None
-    if device is DeviceType.GPU and run.gpus == 0:
-        raise ScriptError("GPU workers were asked for, but this server has no GPU (number_of_gpu=0); use --device cpu")
-    archive = _archive_in_store(args.archive, run.model_store)
-    if device is not None and archive_device(archive) != device.value:
-        archive = retarget_archive(archive, device)
-    name = args.name or archive.name.split(".")[0]
-    try:
-        client.call("GET", f"/models/{name}")
-    except NotFound:
-        pass
-    else:
-        raise ScriptError(f"model {name!r} is already registered: ts-manage unregister {name} first, or give another --name")
-    try:
-        client.call(
-            "POST",
-            "/models",
-            url=archive.name,
-            model_name=name,
-            initial_workers=args.workers,
-            batch_size=args.batch_size,
-            max_batch_delay=args.max_batch_delay,
-            response_timeout=args.response_timeout,
-            synchronous="true",
-        )
-        # initial_workers is capped by the archive's maxWorkers: set both explicitly.
-        client.call("PUT", f"/models/{name}", min_worker=args.workers, max_worker=args.workers, synchronous="true")
-        ready = wait_ready(client, name, args.workers, args.timeout)
-    except ScriptError as err:
-        # Left registered, TorchServe would restart the failing workers forever.
-        try:
-            client.call("DELETE", f"/models/{name}")
-        except ScriptError:
-            pass
-        raise ScriptError(f"{err.message}; {name!r} is not registered{_load_failure(run, name)}") from None
-    on = "GPU" if any(w.get("gpu") for w in ready) else "CPU"
-    return f"registered {name} from {archive.name}: {len(ready)} {on} worker(s) READY"
-
-
-def _load_failure(run: RunDir, name: str) -> str:
-    """The worker's own reason, from the server's model log, when it is readable here."""
-    log = run.log_dir / "model_log.log"
-    if not log.is_file():
-        return ""
-    marker = f"Failed to load model {name}, exception "
-    reasons = [line.split(marker, 1)[1].strip() for line in log.read_text(errors="replace").splitlines() if marker in line]
-    return f"; the worker said: {reasons[-1]}" if reasons else f"; see {log}"
-
-
-def scale(client: Client, args: argparse.Namespace) -> str:
-    maximum = args.max if args.max is not None else args.min
-    client.call("PUT", f"/models/{args.name}", min_worker=args.min, max_worker=maximum, synchronous="true")
-    ready = wait_ready(client, args.name, args.min, args.timeout)
-    return f"scaled {args.name}: {len(ready)} worker(s) READY (min {args.min}, max {maximum})"
+from .client import Management
+from .runinfo import RunDir, ScriptError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -218,22 +56,19 @@ def _parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> str:
     """Carry out one command and return what to print."""
-    runinfo = RunDir(args.run_dir.resolve())
-    url = args.url or runinfo.management_url
-    token = args.token if args.token is not None else runinfo.token(TokenKind.MANAGEMENT)
-    client = Client(url.rstrip("/"), token)
+    management = Management.from_run(RunDir(args.run_dir.resolve()), url=args.url, token=args.token)
     if args.command == "register":
-        return register(client, runinfo, args)
+        device = DeviceType(args.device) if args.device else None
+        return str(management.register(args.archive, args.name, args.workers, args.batch_size, args.max_batch_delay, args.response_timeout, device, args.timeout))
     if args.command == "scale":
-        return scale(client, args)
+        return management.scale(args.name, args.min, args.max, args.timeout)
     if args.command == "unregister":
-        path = f"/models/{args.name}" + (f"/{args.version}" if args.version else "")
-        return client.call("DELETE", path).get("status", f"unregistered {args.name}")
+        return management.unregister(args.name, args.version)
     if args.command == "list":
-        return json.dumps(client.call("GET", "/models"), indent=2)
+        return json.dumps(management.models(), indent=2)
     if args.command == "describe":
-        return json.dumps(client.call("GET", f"/models/{args.name}"), indent=2)
-    return client.call("PUT", f"/models/{args.name}/{args.version}/set-default").get("status", "")
+        return json.dumps(management.describe(args.name), indent=2)
+    return management.set_default(args.name, args.version)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,7 +24,8 @@ from pathlib import Path
 
 import requests
 
-from scripts.runinfo import RunDir, ScriptError, TokenKind
+from .client import Management
+from .runinfo import RunDir, ScriptError, TokenKind
 
 DEFAULT_RUN_DIR = Path("run/default")
 
@@ -96,7 +97,7 @@ def _torchserve() -> str:
     local = Path(sys.executable).parent / "torchserve"
     found = str(local) if local.exists() else shutil.which("torchserve")
     if not found:
-        raise ScriptError("torchserve is not installed in this environment (pip install -e .)")
+        raise ScriptError("torchserve is not installed in this environment: pip install serveready (it brings TorchServe)")
     return found
 
 
@@ -148,7 +149,8 @@ def start(config: ServerConfig, timeout: float = 120.0, torchserve: str | None =
         path.mkdir(parents=True, exist_ok=True)
     run.key_file.unlink(missing_ok=True)  # never read a previous server's keys
     run.config_file.write_text(config.properties())
-    command = [torchserve or _torchserve(), "--start", "--ncs", "--ts-config", str(run.config_file), "--model-store", str(config.model_store.resolve())]
+    launcher = str(Path(torchserve).resolve()) if torchserve and os.sep in torchserve else torchserve
+    command = [launcher or _torchserve(), "--start", "--ncs", "--ts-config", str(run.config_file), "--model-store", str(config.model_store.resolve())]
     with open(run.console_log, "wb") as out:
         # The Java server outlives this call: give it a file, never our pipes.
         subprocess.run(command, cwd=run.path, env=_env(run), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, check=False, start_new_session=True)
@@ -182,22 +184,33 @@ def stop(run_dir: Path, timeout: float = 30.0) -> bool:
 
 
 def info(run_dir: Path) -> str:
-    """Addresses, keys and working curl lines for the server of ``run_dir``."""
+    """Addresses, keys and working curl lines for the server of ``run_dir`` and the models it serves."""
     run = RunDir(Path(run_dir).resolve())
     if _pid(run) is None:
         raise ScriptError(f"no TorchServe running from {run.path}: ts-server start --run-dir {run.path}")
     key = run.token(TokenKind.INFERENCE)
     auth = f"-H 'Authorization: Bearer {key}' " if key else ""
-    row = ", ".join(["0.5"] * 10)
-    return "\n".join([
-        f"inference API:  {run.inference_url}   management API: {run.management_url}",
+    url = run.inference_url
+    try:
+        models = [m["modelName"] for m in Management.from_run(run).models().get("models", [])]
+    except (ScriptError, AttributeError, KeyError, TypeError):
+        models = []
+    examples = {
+        "net": f"curl {auth}-H 'Content-Type: application/json' -d '{{\"inputs\": [{', '.join(['0.5'] * 10)}]}}' {url}/predictions/net",
+        "digits": f"curl {auth}-H 'Content-Type: image/png' --data-binary @docs/images/digit.png {url}/predictions/digits",
+    }
+    lines = [
+        f"inference API:  {url}   management API: {run.management_url}",
         f"keys (expire after token_expiration_min): {run.key_file}",
+        f"models: {', '.join(models) if models else 'none registered yet (ts-manage register NAME.mar)'}",
         "try:",
-        f"  curl {auth}{run.inference_url}/ping",
-        f"  curl {auth}-H 'Content-Type: application/json' -d '{{\"inputs\": [{row}]}}' {run.inference_url}/predictions/net",
-        f"  curl {auth}-H 'Content-Type: image/png' --data-binary @docs/images/digit.png {run.inference_url}/predictions/digits",
-        f"  {os.path.relpath(Path(sys.executable).parent / 'ts-explain')} docs/images/digit.png      # writes docs/images/digit.explanation.png",
-    ])
+        f"  curl {auth}{url}/ping",
+    ]
+    shown = [m for m in examples if m in models] or models[:3]
+    lines += [f"  {examples.get(m) or f'curl {auth}-H {chr(39)}Content-Type: application/json{chr(39)} -d @request.json {url}/predictions/{m}'}" for m in shown]
+    if "digits" in models:
+        lines.append(f"  {os.path.relpath(Path(sys.executable).parent / 'ts-explain')} docs/images/digit.png      # writes docs/images/digit.explanation.png")
+    return "\n".join(lines)
 
 
 def isolated(run_dir: Path, model_store: Path, gpus: int = 0) -> ServerConfig:
@@ -236,6 +249,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--gpus", type=int, default=None, help="GPUs TorchServe may use (default: all torch sees)")
     s.add_argument("--token-expiration-min", type=int, default=60, help="lifetime of the API keys (default: %(default)s)")
     s.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for /ping (default: %(default)s)")
+    s.add_argument("--torchserve", help="another installation's torchserve launcher (its workers run on that Python), e.g. a serving-only virtualenv's")
     sub.add_parser("stop", help="stop the TorchServe of --run-dir")
     sub.add_parser("info", help="print addresses, keys and curl lines")
     return parser
@@ -263,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         if not config.model_store.is_dir():
             raise ScriptError(f"model store {config.model_store} does not exist: run `make mar` first")
-        run = start(config, args.timeout)
+        run = start(config, args.timeout, torchserve=args.torchserve)
         print(f"TorchServe is healthy: inference {run.inference_url}, management {run.management_url}; keys in {run.key_file}")
         return 0
     except ScriptError as err:

@@ -15,7 +15,7 @@ import yaml
 from PIL import Image
 from ts.context import Context, RequestProcessor
 
-from archiver import ModelSpec, build, load_spec, train
+from serveready.archiver import ModelSpec, build, load_spec, train
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -131,18 +131,19 @@ class VariantBuild:
 @pytest.fixture(scope="session")
 def variant_builds(net_spec: ModelSpec, digits_spec: ModelSpec, tmp_path_factory: pytest.TempPathFactory) -> dict[str, VariantBuild]:
     """Every variant config of the repo, derived from the session's trained models and built."""
-    from archiver.build import build_measured
+    from serveready.archiver.build import build_measured
 
     bases = {"net": net_spec, "digits": digits_spec}
     folder = tmp_path_factory.mktemp("variants")
     store = folder / "store"
     builds = {}
+    references: dict = {}
     for path in sorted((ROOT / "model_configs").glob("*.yaml")):
         spec = load_spec(path)
         if spec.base is None:
             continue
         spec = dataclasses.replace(spec, base=bases[spec.base.name], weights=folder / spec.weights.name)
         train(spec)
-        archive, row = build_measured(spec, store)
+        archive, row = build_measured(spec, store, references)
         builds[spec.name] = VariantBuild(spec, archive, row)
     return builds

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from scripts.runinfo import RunDir, TokenKind
-from scripts.server import isolated, start, stop
+from serveready.scripts.runinfo import RunDir, TokenKind
+from serveready.scripts.server import isolated, start, stop
 
 
 @contextmanager

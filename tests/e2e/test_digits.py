@@ -12,10 +12,10 @@ import requests
 import torch
 from PIL import Image
 
-from archiver.datasets import load_digits_split
-from handlers.images import open_image, to_digit_grid
-from scripts import explain
-from scripts.runinfo import RunDir, TokenKind
+from serveready.archiver.datasets import load_digits_split
+from serveready.handlers.images import open_image, to_digit_grid
+from serveready.scripts import explain
+from serveready.scripts.runinfo import RunDir, TokenKind
 from tests.conftest import digits_model, render_digit
 from tests.e2e.conftest import Api
 from tests.e2e.test_serve import ts_manage

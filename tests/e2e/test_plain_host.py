@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from archiver.datasets import load_digits_split
-from scripts.runinfo import RunDir
+from serveready.archiver.datasets import load_digits_split
+from serveready.scripts.runinfo import RunDir
 from tests.conftest import ROOT, VariantBuild, digits_model, reference_net, render_digit
 from tests.e2e.conftest import Api, serving
 from tests.e2e.test_serve import ts_manage

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import requests
 
-from scripts import manage
-from scripts.runinfo import RunDir, TokenKind
-from scripts.server import free_ports
+from serveready.scripts.client import Management
+from serveready.scripts.runinfo import RunDir, ScriptError, TokenKind
+from serveready.scripts.server import free_ports
 from tests.conftest import reference_net
 from tests.e2e.conftest import Api
 
@@ -159,9 +159,9 @@ def test_only_archives_from_the_model_store_load(registered: RunDir, tmp_path: P
     outside.write_bytes((registered.model_store / "net.mar").read_bytes())
     done = ts_manage(registered, "register", str(outside), "--name", "outside")
     assert done.returncode == 1 and "is outside the model store" in done.stderr
-    client = manage.Client(registered.management_url, registered.token(TokenKind.MANAGEMENT))
+    client = Management(registered.management_url, registered.token(TokenKind.MANAGEMENT))
     for url in ("file:///etc/passwd", "http://127.0.0.1:1/x.mar", "../net.mar"):
-        with pytest.raises(manage.ScriptError, match="HTTP 404"):
+        with pytest.raises(ScriptError, match="HTTP 404"):
             client.call("POST", "/models", url=url, model_name="evil")
 
 
@@ -178,7 +178,7 @@ def test_scale_set_default_and_unregister(registered: RunDir, api: Api) -> None:
 
 def test_a_second_server_runs_beside_the_first(registered: RunDir, net_archive: Path, tmp_path: Path) -> None:
     """Own run folder, TMPDIR and ports (gRPC included): both answer, and stopping one leaves the other."""
-    from scripts.server import isolated, start, stop
+    from serveready.scripts.server import isolated, start, stop
 
     store = tmp_path / "store"
     store.mkdir()
@@ -202,12 +202,12 @@ def test_an_archive_that_cannot_load_is_reported_and_not_left_registered(registe
             data = src.read(item)
             if item.filename == "model-config.yaml":
                 config = yaml.safe_load(data)
-                config["handler"]["format"] = "tflite"
+                config["model"]["format"] = "tflite"
                 data = yaml.safe_dump(config).encode()
             dst.writestr(item, data)
     done = ts_manage(registered, "register", "broken.mar")
     assert done.returncode == 1
-    assert "'broken' is not registered; the worker said: handler.format 'tflite' is not one of" in done.stderr
+    assert "'broken' is not registered; the worker said: model.format 'tflite' is not one of" in done.stderr
     assert '"broken"' not in ts_manage(registered, "list").stdout
     again = ts_manage(registered, "register", "net.mar")
     assert again.returncode == 1 and "model 'net' is already registered" in again.stderr

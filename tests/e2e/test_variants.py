@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from archiver.datasets import load_digits_split
-from scripts.runinfo import RunDir
+from serveready.archiver.datasets import load_digits_split
+from serveready.scripts.runinfo import RunDir
 from tests.conftest import VariantBuild, digits_model, reference_net
 from tests.e2e.conftest import Api, serving
 from tests.e2e.test_serve import ts_manage
@@ -38,7 +38,8 @@ def test_variant_serves_within_its_bound(name: str, variant_builds: dict[str, Va
     done = ts_manage(variant_server, "register", f"{name}.mar", "--workers", "1")
     assert done.returncode == 0, done.stderr
     try:
-        bound = build.spec.fidelity.get("max_abs_diff", 1.0)
+        bound = build.spec.fidelity.max_abs_diff
+        assert bound is not None, f"{name}.yaml sets no fidelity.max_abs_diff: nothing to hold it to"
         if build.row["base"] == "net":
             reply = variant_api.predict(name, json.dumps({"inputs": ROWS.tolist()}))
             assert reply.status_code == 200, reply.text

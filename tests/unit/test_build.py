@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 
-from archiver import ArchiverError, ModelSpec, build, load_spec, verify
+from serveready.archiver import ArchiverError, ModelSpec, build, load_spec, verify
 
 ROOT = Path(__file__).resolve().parents[2]
 #: sklearn's digits.images[0], a zero.
@@ -30,18 +30,19 @@ def test_archive_holds_model_weights_config_and_handlers(net_archive: Path, net_
         manifest = json.loads(mar.read("MAR-INF/MANIFEST.json"))
         config = yaml.safe_load(mar.read("model-config.yaml"))
         weights = mar.read("net.pt")
-    assert {"net.py", "net.pt", "tabular.py", "model-config.yaml", "handlers/base.py", "handlers/payload.py"} <= names
+    assert {"net.py", "net.pt", "serveready_entry.py", "model-config.yaml", "serveready/__init__.py", "serveready/handlers/base.py", "serveready/handlers/payload.py"} <= names
     assert not any(n.endswith(".pyc") for n in names)
     assert manifest["model"] == {
         "modelName": "net",
         "serializedFile": "net.pt",
-        "handler": "tabular.py",
+        "handler": "serveready_entry.py",
         "modelFile": "net.py",
         "modelVersion": "1.0",
         "configFile": "model-config.yaml",
     }
     assert config["batchSize"] == 8 and config["deviceType"] == "cpu"
-    assert config["handler"]["model_class"] == "Net" and config["handler"]["input_width"] == 10
+    assert config["model"] == {"format": "eager", "class_name": "Net", "kwargs": {"in_features": 10, "hidden": 20}, "sample_shape": [2, 10]}
+    assert config["handler"] == {"torch_threads": 1, "ig_steps": 50, "input_width": 10, "max_rows": 1024}
     assert weights == net_spec.weights.read_bytes()  # the state_dict itself, not a pickled module
 
 
@@ -68,7 +69,7 @@ def test_a_pickled_module_is_refused(net_spec: ModelSpec, tmp_path: Path) -> Non
 
 
 def test_missing_weights_says_to_train(net_spec: ModelSpec, tmp_path: Path) -> None:
-    with pytest.raises(ArchiverError, match=r"does not exist \(run `make train` first\)"):
+    with pytest.raises(ArchiverError, match=r"does not exist \(run `ts-archive train net` first\)"):
         verify(dataclasses.replace(net_spec, weights=tmp_path / "none.pt"))
 
 
@@ -76,9 +77,9 @@ def test_missing_weights_says_to_train(net_spec: ModelSpec, tmp_path: Path) -> N
     ("patch", "message"),
     [
         ({"name": "bad name"}, "name 'bad name' must match"),
-        ({"serve": {"batchSize": 0}}, "serve.batchSize must be positive"),
-        ({"serve": {"deviceType": "tpu"}}, "serve.deviceType must be one of ['cpu', 'gpu']"),
-        ({"serve": {"workers": 2}}, "serve.workers is not a TorchServe model-config key"),
+        ({"serve": {"batchSize": 0}}, "serve.batchSize must be at least 1, got 0"),
+        ({"serve": {"deviceType": "tpu"}}, "serve.deviceType must be one of 'cpu', 'gpu', got 'tpu'"),
+        ({"serve": {"workers": 2}}, "serve.workers is not a known key"),
         ({"serve": {"minWorkers": 3, "maxWorkers": 2}}, "serve.minWorkers (3) exceeds serve.maxWorkers (2)"),
         ({"handler": {}}, "missing required key 'handler.entry'"),
     ],
@@ -97,8 +98,8 @@ def test_bad_configs_are_refused(tmp_path: Path, patch: dict, message: str) -> N
 @pytest.mark.parametrize(
     ("archive", "handler", "body"),
     [
-        ("net_dir", "tabular.py", b'{"inputs": [0,0,0,0,0,0,0,0,0,0]}'),
-        ("digits_dir", "image_classifier.py", json.dumps({"inputs": ZERO_DIGIT}).encode()),
+        ("net_dir", "serveready_entry.py", b'{"inputs": [0,0,0,0,0,0,0,0,0,0]}'),
+        ("digits_dir", "serveready_entry.py", json.dumps({"inputs": ZERO_DIGIT}).encode()),
     ],
 )
 def test_archive_serves_without_this_library_or_numpy(archive: str, handler: str, body: bytes, request: pytest.FixtureRequest) -> None:
@@ -108,11 +109,11 @@ def test_archive_serves_without_this_library_or_numpy(archive: str, handler: str
         f"""
         import json, sys
         sys.modules["numpy"] = None  # torch does not require numpy, so a TorchServe host may lack it
-        sys.path.append({str(model_dir)!r})  # what TorchServe's worker does with the model dir
+        sys.path.insert(0, {str(model_dir)!r})  # TorchServe puts the model dir first on the worker's PYTHONPATH
         from ts.model_loader import TsModelLoader
         service = TsModelLoader().load("m", {str(model_dir)!r}, {handler!r}, None, 1)
-        import handlers
-        assert handlers.__file__.startswith({str(model_dir)!r}), handlers.__file__
+        import serveready.handlers
+        assert serveready.handlers.__file__.startswith({str(model_dir)!r}), serveready.handlers.__file__
         out = service._entry_point([{{"body": {body!r}}}], service.context)
         print(json.dumps(out))
         """
@@ -123,5 +124,5 @@ def test_archive_serves_without_this_library_or_numpy(archive: str, handler: str
     assert done.returncode == 0, done.stderr[-2000:]
     [answer] = json.loads(done.stdout.strip().splitlines()[-1])
     assert "predictions" in answer and len(answer["predictions"]) >= 1
-    if handler == "image_classifier.py":
+    if archive == "digits_dir":
         assert answer["predictions"][0]["class"] == "0"

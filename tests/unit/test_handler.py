@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from handlers.tabular import TabularHandler
+from serveready.handlers.tabular import TabularHandler
 from tests.conftest import make_context, reference_net
 
 

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from archiver.datasets import load_digits_split
-from archiver.training import metrics_path
-from handlers.image_classifier import ImageClassifierHandler
-from handlers.images import open_image, to_digit_grid
+from serveready.archiver.datasets import load_digits_split
+from serveready.archiver.training import metrics_path
+from serveready.handlers.image_classifier import ImageClassifierHandler
+from serveready.handlers.images import open_image, to_digit_grid
 from tests.conftest import digits_model, make_context, render_digit
 
 SPLIT = load_digits_split(0, 0.2)

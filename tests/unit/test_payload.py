@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from handlers.errors import InvalidInput
-from handlers.payload import decode_json, json_field, parse_rows, request_body
+from serveready.handlers.errors import InvalidInput
+from serveready.handlers.payload import decode_json, json_field, parse_rows, request_body
 
 
 def test_one_row_and_many_rows_parse_to_float32() -> None:

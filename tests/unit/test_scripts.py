@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from archiver.spec import DeviceType
-from scripts import server
-from scripts.manage import archive_device, retarget_archive
-from scripts.runinfo import ScriptError, read_properties
-from scripts.server import ServerConfig, isolated
+from serveready.handlers.config import DeviceType
+from serveready.scripts import server
+from serveready.scripts.client import archive_device, retarget_archive
+from serveready.scripts.runinfo import ScriptError, read_properties
+from serveready.scripts.server import ServerConfig, isolated
 
 
 def test_config_properties_have_the_safe_defaults(tmp_path: Path) -> None:

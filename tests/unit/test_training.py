@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from archiver import ModelSpec, train
-from archiver.datasets import make_regression
-from archiver.training import is_stale, metrics_path
+from serveready.archiver import ModelSpec, train
+from serveready.archiver.datasets import make_regression
+from serveready.archiver.training import is_stale, metrics_path
 from tests.conftest import reference_net
 
 
@@ -21,7 +21,7 @@ def test_same_seed_gives_the_same_weights_file(net_spec: ModelSpec, tmp_path: Pa
 
 
 def test_other_seed_gives_other_weights(net_spec: ModelSpec, tmp_path: Path) -> None:
-    other = dataclasses.replace(net_spec, weights=tmp_path / "other.pt", training={**net_spec.training, "seed": 1})
+    other = dataclasses.replace(net_spec, weights=tmp_path / "other.pt", training=dataclasses.replace(net_spec.training, seed=1))
     train(other)
     assert other.weights.read_bytes() != net_spec.weights.read_bytes()
 
@@ -29,12 +29,12 @@ def test_other_seed_gives_other_weights(net_spec: ModelSpec, tmp_path: Path) -> 
 def test_heldout_mse_is_recorded_and_near_the_noise_floor(net_spec: ModelSpec) -> None:
     recorded = json.loads(metrics_path(net_spec).read_text())
     cfg = net_spec.training
-    data = make_regression(cfg["seed"], cfg["samples"], 10, cfg["holdout"], cfg["noise"])
+    data = make_regression(cfg.seed, cfg.samples, 10, cfg.holdout, cfg.noise)
     predicted = reference_net(net_spec.weights, data.x_test.numpy())
     mse = float(np.mean((predicted - data.y_test.double().numpy()) ** 2))
     assert abs(mse - recorded["heldout_mse"]) < 1e-6
     # Net is linear overall, so it can reach the noise variance (0.01) but not beat it by much.
-    assert 0.008 < mse < 1.2 * cfg["noise"] ** 2
+    assert 0.008 < mse < 1.2 * cfg.noise**2
 
 
 def test_is_stale_follows_file_times(net_spec: ModelSpec, tmp_path: Path) -> None:

@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from archiver import ArchiverError, ModelSpec, train
-from archiver.build import build_measured
-from archiver.datasets import load_digits_split, make_regression
-from handlers.image_classifier import ImageClassifierHandler
-from handlers.tabular import TabularHandler
+from serveready.archiver import ArchiverError, ModelSpec, train
+from serveready.archiver.build import build_measured
+from serveready.archiver.datasets import load_digits_split, make_regression
+from serveready.archiver.spec import Fidelity
+from serveready.handlers.image_classifier import ImageClassifierHandler
+from serveready.handlers.tabular import TabularHandler
 from tests.conftest import VariantBuild, digits_model, make_context, reference_net, unpack
 
 EXPECTED = {
@@ -40,12 +41,13 @@ def _served_net(build: VariantBuild, tmp_path: Path, rows: np.ndarray) -> np.nda
 
 def test_net_variants_answer_within_their_bound_of_fp32(variant_builds: dict[str, VariantBuild], net_spec: ModelSpec, tmp_path: Path) -> None:
     cfg = net_spec.training
-    rows = make_regression(cfg["seed"], cfg["samples"], 10, cfg["holdout"], cfg["noise"]).x_test[:64].numpy()
+    rows = make_regression(cfg.seed, cfg.samples, 10, cfg.holdout, cfg.noise).x_test[:64].numpy()
     fp32 = reference_net(net_spec.weights, rows)
     for build in (b for b in variant_builds.values() if b.row["base"] == "net"):
         served = _served_net(build, tmp_path, rows)
         assert served.shape == fp32.shape
-        assert np.abs(served - fp32).max() <= build.spec.fidelity["max_abs_diff"], build.spec.name
+        bound = build.spec.fidelity.max_abs_diff
+        assert bound is not None and np.abs(served - fp32).max() <= bound, build.spec.name
 
 
 def test_digits_variants_answer_within_their_bound_of_fp32(variant_builds: dict[str, VariantBuild], digits_spec: ModelSpec, tmp_path: Path) -> None:
@@ -59,7 +61,8 @@ def test_digits_variants_answer_within_their_bound_of_fp32(variant_builds: dict[
         handler.initialize(context)
         answers = handler.handle(batch, context)
         served = np.array([[{p["index"]: p["probability"] for p in a["predictions"]}[i] for i in range(10)] for a in answers])
-        assert np.abs(served - fp32).max() <= build.spec.fidelity.get("max_abs_diff", 1.0), build.spec.name
+        bound = build.spec.fidelity.max_abs_diff
+        assert bound is not None and np.abs(served - fp32).max() <= bound, build.spec.name
 
 
 def test_digits_quantized_and_structured_archives_are_smaller(variant_builds: dict[str, VariantBuild], digits_archive: Path) -> None:
@@ -110,7 +113,7 @@ def test_same_seed_same_student_and_same_report(variant_builds: dict[str, Varian
 
 def test_a_variant_missing_its_bound_is_refused(variant_builds: dict[str, VariantBuild], tmp_path: Path) -> None:
     build = variant_builds["net_int8"]
-    strict = dataclasses.replace(build.spec, fidelity={"max_abs_diff": 1e-6})
+    strict = dataclasses.replace(build.spec, fidelity=Fidelity(max_abs_diff=1e-6))
     with pytest.raises(ArchiverError) as err:
         build_measured(strict, tmp_path)
     assert f"net_int8: misses its fidelity bound (net_int8.yaml): max_abs_diff {build.row['max_abs_diff']:.4g} exceeds 1e-06 by" in err.value.message

@@ -1,0 +1,270 @@
+"""One small client for a running TorchServe: its addresses and keys from the run folder, typed calls, one error mapping.
+
+Example:
+    run = RunDir(Path("run/default"))
+    management = Management.from_run(run)
+    print(management.register("net.mar", workers=2, batch_size=8))
+    reply = Inference.from_run(run).predict("net", b'{"inputs": [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]}')
+
+Every failure is a :class:`ScriptError` whose message says what to do.
+"""
+
+from __future__ import annotations
+
+import time
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import requests
+import yaml
+
+from serveready.handlers.config import DeviceType
+
+from .runinfo import RunDir, ScriptError, TokenKind
+
+#: Where an archive keeps TorchServe's model config.
+CONFIG_ENTRY = "model-config.yaml"
+
+
+class NotFound(ScriptError):
+    """The server does not know the model (HTTP 404)."""
+
+
+@dataclass(frozen=True)
+class Registration:
+    """A model whose workers are READY."""
+
+    name: str
+    archive: str
+    workers: int
+    device: str
+
+    def __str__(self) -> str:
+        return f"registered {self.name} from {self.archive}: {self.workers} {self.device} worker(s) READY"
+
+
+def _headers(token: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def _body(reply: requests.Response) -> Any:
+    try:
+        return reply.json()
+    except ValueError:
+        return {}
+
+
+@dataclass(frozen=True)
+class Management:
+    """TorchServe's management API: register, scale, describe, unregister."""
+
+    url: str
+    token: str | None
+    run: RunDir | None = None
+    timeout: float = 60.0
+
+    @classmethod
+    def from_run(cls, run: RunDir, url: str | None = None, token: str | None = None) -> Management:
+        """The management API of the server started from ``run`` (``url``/``token`` override what its files say)."""
+        return cls((url or run.management_url).rstrip("/"), token if token is not None else run.token(TokenKind.MANAGEMENT), run)
+
+    def call(self, method: str, path: str, **params: Any) -> Any:
+        """One API call; HTTP and connection errors become one-line ScriptErrors."""
+        query = {k: v for k, v in params.items() if v is not None}
+        try:
+            reply = requests.request(method, f"{self.url}{path}", params=query, headers=_headers(self.token), timeout=self.timeout)
+        except requests.ConnectionError:
+            raise ScriptError(f"cannot reach TorchServe's management API at {self.url}: is the server running? (ts-server start)") from None
+        except requests.Timeout:
+            raise ScriptError(f"TorchServe's management API at {self.url} did not answer within {self.timeout:.0f}s") from None
+        body = _body(reply)
+        if reply.ok:
+            return body
+        message = body.get("message", reply.text.strip()) if isinstance(body, dict) else reply.text.strip()
+        if reply.status_code == 400 and "Token Authorization failed" in message:
+            raise ScriptError(f"the management token was refused by {self.url} (expired or from another server): {message}")
+        if reply.status_code == 404:
+            raise NotFound(f"{method} {path} failed with HTTP 404: {message}")
+        if reply.status_code == 405:
+            raise ScriptError(f"{method} {path} is not allowed by the server: is enable_model_api=true in its config.properties?")
+        raise ScriptError(f"{method} {path} failed with HTTP {reply.status_code}: {message}")
+
+    def models(self) -> Any:
+        return self.call("GET", "/models")
+
+    def describe(self, name: str) -> list[dict[str, Any]]:
+        found = self.call("GET", f"/models/{name}")
+        return found if isinstance(found, list) else [found]
+
+    def unregister(self, name: str, version: str | None = None) -> str:
+        path = f"/models/{name}" + (f"/{version}" if version else "")
+        return str(self.call("DELETE", path).get("status", f"unregistered {name}"))
+
+    def set_default(self, name: str, version: str) -> str:
+        return str(self.call("PUT", f"/models/{name}/{version}/set-default").get("status", ""))
+
+    def wait_ready(self, name: str, workers: int, timeout: float) -> list[dict[str, Any]]:
+        """Poll describe until ``workers`` workers are READY (/ping says Healthy long before that)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            ready = [w for v in self.describe(name) for w in v.get("workers", []) if w.get("status") == "READY"]
+            if len(ready) >= workers:
+                return ready
+            if time.monotonic() > deadline:
+                raise ScriptError(f"model {name!r}: {len(ready)} of {workers} workers READY after {timeout:.0f}s; see the server's model_log.log")
+            time.sleep(0.5)
+
+    def scale(self, name: str, minimum: int, maximum: int | None = None, timeout: float = 120.0) -> str:
+        maximum = minimum if maximum is None else maximum
+        self.call("PUT", f"/models/{name}", min_worker=minimum, max_worker=maximum, synchronous="true")
+        ready = self.wait_ready(name, minimum, timeout)
+        return f"scaled {name}: {len(ready)} worker(s) READY (min {minimum}, max {maximum})"
+
+    def register(
+        self,
+        archive: str | Path,
+        name: str | None = None,
+        workers: int = 1,
+        batch_size: int | None = None,
+        max_batch_delay: int | None = None,
+        response_timeout: int | None = None,
+        device: DeviceType | None = None,
+        timeout: float = 120.0,
+    ) -> Registration:
+        """Register an archive from the server's model store and wait until ``workers`` workers are READY.
+
+        A device other than the archive's own gets a copy of the archive that says it
+        (TorchServe's register call has no device parameter). Workers that cannot start
+        are unregistered again (TorchServe would restart them forever) and the error
+        quotes their reason from the server's model log.
+
+        Raises:
+            ScriptError: no GPU for GPU workers, an archive outside the store, a name taken, workers not READY.
+        """
+        run = self._run()
+        if device is DeviceType.GPU and run.gpus == 0:
+            raise ScriptError("GPU workers were asked for, but this server has no GPU (number_of_gpu=0); use --device cpu")
+        path = archive_in_store(str(archive), run.model_store)
+        if device is not None and archive_device(path) != device.value:
+            path = retarget_archive(path, device)
+        name = name or path.name.split(".")[0]
+        try:
+            self.call("GET", f"/models/{name}")
+        except NotFound:
+            pass
+        else:
+            raise ScriptError(f"model {name!r} is already registered: ts-manage unregister {name} first, or give another --name")
+        since = _log_size(run)
+        try:
+            self.call("POST", "/models", url=path.name, model_name=name, initial_workers=workers, batch_size=batch_size,
+                      max_batch_delay=max_batch_delay, response_timeout=response_timeout, synchronous="true")
+            # initial_workers is capped by the archive's maxWorkers: set both explicitly.
+            self.call("PUT", f"/models/{name}", min_worker=workers, max_worker=workers, synchronous="true")
+            ready = self.wait_ready(name, workers, timeout)
+        except ScriptError as err:
+            try:
+                self.call("DELETE", f"/models/{name}")
+            except ScriptError:
+                pass
+            raise ScriptError(f"{err.message}; {name!r} is not registered{load_failure(run, name, since)}") from None
+        return Registration(name, path.name, len(ready), "GPU" if any(w.get("gpu") for w in ready) else "CPU")
+
+    def _run(self) -> RunDir:
+        if self.run is None:
+            raise ScriptError("registering needs the server's run folder (its model store and GPU count): pass --run-dir")
+        return self.run
+
+
+@dataclass(frozen=True)
+class Inference:
+    """TorchServe's inference API with the current inference key."""
+
+    url: str
+    token: str | None
+    timeout: float = 60.0
+
+    @classmethod
+    def from_run(cls, run: RunDir, timeout: float = 60.0) -> Inference:
+        return cls(run.inference_url.rstrip("/"), run.token(TokenKind.INFERENCE), timeout)
+
+    def headers(self, content_type: str) -> dict[str, str]:
+        """Request headers: the content type and, when token authorization is on, the key."""
+        return {"Content-Type": content_type, **_headers(self.token)}
+
+    def post(self, model: str, body: bytes, content_type: str, endpoint: str = "predictions") -> requests.Response:
+        """POST ``body`` to ``/<endpoint>/<model>``; a server that cannot be reached or does not answer is a ScriptError."""
+        try:
+            return requests.post(f"{self.url}/{endpoint}/{model}", data=body, headers=self.headers(content_type), timeout=self.timeout)
+        except requests.ConnectionError:
+            raise ScriptError(f"cannot reach TorchServe at {self.url}: is the server running? (ts-server start)") from None
+        except requests.Timeout:
+            raise ScriptError(f"TorchServe at {self.url} did not answer {endpoint}/{model} within {self.timeout:.0f}s (the model's responseTimeout, or a busy server)") from None
+
+
+def archive_device(archive: Path) -> str | None:
+    """The deviceType in an archive's model-config.yaml, if it sets one."""
+    try:
+        with zipfile.ZipFile(archive) as mar:
+            config = yaml.safe_load(mar.read(CONFIG_ENTRY)) if CONFIG_ENTRY in mar.namelist() else {}
+    except (zipfile.BadZipFile, yaml.YAMLError) as err:
+        raise ScriptError(f"{archive} is not a readable model archive: {err}") from None
+    return (config or {}).get("deviceType")
+
+
+def retarget_archive(archive: Path, device: DeviceType) -> Path:
+    """Write ``<stem>.<device>.mar`` beside ``archive`` with its model-config deviceType set to ``device``.
+
+    TorchServe's register call has no device parameter: the archive's
+    model-config.yaml decides, so a device choice means an archive that says it.
+    """
+    target = archive.with_name(f"{archive.stem}.{device.value}.mar")
+    with zipfile.ZipFile(archive) as src, zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED) as dst:
+        for item in src.infolist():
+            data = src.read(item)
+            if item.filename == CONFIG_ENTRY:
+                config = yaml.safe_load(data) or {}
+                config["deviceType"] = device.value
+                data = yaml.safe_dump(config, sort_keys=False).encode()
+            dst.writestr(item, data)
+    return target
+
+
+def archive_in_store(archive: str, store: Path) -> Path:
+    """The archive's path, which must be in the server's model store (``allowed_urls`` admits nothing else)."""
+    path = Path(archive)
+    candidate = path if path.is_absolute() or path.exists() else store / path
+    candidate = candidate.resolve()
+    if not candidate.is_file():
+        raise ScriptError(f"archive {archive} not found (looked in {store})")
+    if candidate.parent != store.resolve():
+        raise ScriptError(f"{candidate} is outside the model store {store}: the server only loads archives from there (allowed_urls); copy it in")
+    return candidate
+
+
+def _log_size(run: RunDir) -> int:
+    log = run.log_dir / "model_log.log"
+    return log.stat().st_size if log.is_file() else 0
+
+
+def load_failure(run: RunDir, name: str, since: int = 0, wait: float = 3.0) -> str:
+    """The worker's own reason, from the server's model log (after byte ``since``), when it is readable here.
+
+    The log is written asynchronously: give it ``wait`` seconds to show the line.
+    """
+    log = run.log_dir / "model_log.log"
+    marker = f"Failed to load model {name}, exception "
+    deadline = time.monotonic() + wait
+    while True:
+        text = ""
+        if log.is_file():
+            with open(log, "rb") as f:
+                f.seek(since)
+                text = f.read().decode(errors="replace")
+        reasons = [line.split(marker, 1)[1].strip() for line in text.splitlines() if marker in line]
+        if reasons:
+            return f"; the worker said: {reasons[-1]}"
+        if time.monotonic() > deadline:
+            return f"; see {log}" if log.is_file() else ""
+        time.sleep(0.2)
