@@ -231,15 +231,17 @@ def build_all(specs: list[ModelSpec], store: Path, report_md: Path | None = None
         specs = [s for s in specs if s not in fresh]
     built, rows = [], []
     references: dict[str, Model] = {}
-    for i, spec in enumerate(specs, 1):
-        sys.stderr.write(f"[{i}/{len(specs)}] {spec.name}: {'deriving, ' if spec.base else ''}packing, loading, measuring ...")
-        sys.stderr.flush()
-        path, row = build_measured(spec, store, references)
-        sys.stderr.write(f" {path.name} ({path.stat().st_size / 1024:.1f} KiB)\n")
-        built.append(path)
-        rows.append(row)
-    if rows or not (store / "report.json").exists():
-        write_report(rows, store / "report.json", report_md or store / "report.md")
+    try:
+        for i, spec in enumerate(specs, 1):
+            sys.stderr.write(f"[{i}/{len(specs)}] {spec.name}: {'deriving, ' if spec.base else ''}packing, loading, measuring ...")
+            sys.stderr.flush()
+            path, row = build_measured(spec, store, references)
+            sys.stderr.write(f" {path.name} ({path.stat().st_size / 1024:.1f} KiB)\n")
+            built.append(path)
+            rows.append(row)
+    finally:  # what was published is reported, even when a later model fails
+        if rows or (store.is_dir() and not (store / "report.json").exists()):
+            write_report(rows, store / "report.json", report_md or store / "report.md")
     return built
 
 

@@ -71,7 +71,6 @@ def init_config(
         data=_inside(data, root, "--data") if data else None,
         task=task,
         classes_file=_inside(classes_file, root, "--classes-file") if classes_file else None,
-        root=root,
     )
     configs.mkdir(parents=True, exist_ok=True)
     existed = target.read_text() if target.exists() else None
@@ -99,7 +98,6 @@ def render(
     data: Path | None,
     task: str | None,
     classes_file: Path | None,
-    root: Path,
 ) -> str:
     """The starter config's text."""
     options = BUILTIN_HANDLERS[handler].options_type
@@ -107,7 +105,7 @@ def render(
     lines = [
         f"# {name}: written by `ts-archive init` on {datetime.date.today().isoformat()}.",
         f"# `ts-archive build {name}` verifies, packs and measures it into model_store/{name}.mar.",
-        f"# Paths are relative to {root}.",
+        "# Paths are relative to the folder that holds model_configs/.",
         f"name: {name}",
         'version: "1.0"',
         "",
