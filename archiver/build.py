@@ -169,9 +169,9 @@ def build_measured(spec: ModelSpec, store: Path, references: MutableMapping[str,
         archive = pack(spec, scratch / "store")
         try:
             model = load_archive(archive, scratch / "unpacked")
+            spec.handler.handler_class.check_outputs(spec.handler_options, scratch / "unpacked", check_sample(spec, model))
         except (ConfigError, ModelLoadError) as err:
             raise ArchiverError(f"{spec.name}: {err.message}{_train_hint(spec)}") from err
-        check_sample(spec, model)
         if spec.kind == "fp32":
             references[spec.name] = model
             reference = None

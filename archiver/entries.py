@@ -148,6 +148,9 @@ def _pick_class(module: object, class_name: str, written: str) -> type[BatchHand
         cls = found[0]
     if not issubclass(cls, BatchHandler):
         raise ArchiverError(f"handler.entry {written!r}: {cls.__name__} is not a subclass of serveready.handlers.BatchHandler")
+    missing = [m for m in ("decode", "encode") if getattr(cls, m) is getattr(BatchHandler, m)]
+    if missing:
+        raise ArchiverError(f"handler.entry {written!r}: {cls.__name__} does not define {' and '.join(missing)}: it cannot answer a request")
     return cls
 
 

@@ -124,7 +124,7 @@ def check_fidelity(spec: ModelSpec, metrics: Mapping[str, float], reference: Map
         if drop > bounds["max_accuracy_drop"]:
             misses.append(f"accuracy drops {drop:.4f} from fp32, more than {bounds['max_accuracy_drop']} by {drop - bounds['max_accuracy_drop']:.4f}")
     if "max_mse_ratio" in bounds:
-        ratio = metrics["mse"] / reference["mse"]
+        ratio = metrics["mse"] / reference["mse"] if reference["mse"] > 0 else (1.0 if metrics["mse"] == 0 else float("inf"))
         if ratio > bounds["max_mse_ratio"]:
             misses.append(f"MSE is {ratio:.3f}x fp32's, more than {bounds['max_mse_ratio']}x by {ratio - bounds['max_mse_ratio']:.3f}")
     if misses:

@@ -85,6 +85,10 @@ class BatchHandler:
         """Refuse options that cannot work with ``model`` (raise ConfigError naming the key); none here."""
 
     @classmethod
+    def check_outputs(cls, options: Any, model_dir: Path, outputs: torch.Tensor) -> None:
+        """Refuse an archive whose files do not fit the model's sample outputs (raise ModelLoadError); none here."""
+
+    @classmethod
     def read_options(cls, config: Mapping[str, Any]) -> tuple[Any, ModelOptions]:
         """This kind's validated ``handler:`` options and the ``model:`` section of a model-config mapping."""
         options = parse(cls.options_type, config.get("handler"), "handler")

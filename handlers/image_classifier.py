@@ -15,6 +15,7 @@ Response: {"predictions": [{"class": "cat", "index": 3, "probability": 0.98}, ..
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -58,18 +59,17 @@ class ImageClassifierHandler(BatchHandler):
         if final != size:
             raise ConfigError(f"handler.resize/crop make {final[0]}x{final[1]} images, but model.sample_shape {shape} takes {size[0]}x{size[1]}")
 
+    @classmethod
+    def check_outputs(cls, options: ImageOptions, model_dir: Path, outputs: torch.Tensor) -> None:
+        class_names(options, model_dir, int(outputs.shape[-1]))
+
     def initialize(self, context: Any) -> None:
         super().initialize(context)
         assert self.model is not None and self.model_options is not None
         with torch.inference_mode():  # also warms the model up before the first request
             outputs = self.model(torch.zeros((1, *self.model_options.sample_shape[1:])).to(self.device))
         self.classes = int(outputs.shape[-1])
-        if self.options.classes_file is None:
-            self.names = [str(i) for i in range(self.classes)]
-            return
-        self.names = read_class_names(self.model_dir / self.options.classes_file)
-        if len(self.names) != self.classes:
-            raise ModelLoadError(f"class names file {self.options.classes_file} names {len(self.names)} classes, the model has {self.classes} outputs")
+        self.names = class_names(self.options, self.model_dir, self.classes)
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -140,6 +140,16 @@ class ImageClassifierHandler(BatchHandler):
         if isinstance(value, bool) or isinstance(value, float) or not 1 <= k <= self.classes:
             raise InvalidInput(f"k must be a whole number from 1 to {self.classes}, got {value!r}")
         return k
+
+
+def class_names(options: ImageOptions, model_dir: Path, classes: int) -> list[str]:
+    """The archive's class names (the indices when it has no names file), one per model output."""
+    if options.classes_file is None:
+        return [str(i) for i in range(classes)]
+    names = read_class_names(model_dir / options.classes_file)
+    if len(names) != classes:
+        raise ModelLoadError(f"class names file {options.classes_file} names {len(names)} classes, the model has {classes} outputs")
+    return names
 
 
 def _final_size(options: ImageOptions, size: tuple[int, int]) -> tuple[int, int] | None:

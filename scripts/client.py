@@ -200,7 +200,7 @@ class Inference:
         except requests.ConnectionError:
             raise ScriptError(f"cannot reach TorchServe at {self.url}: is the server running? (ts-server start)") from None
         except requests.Timeout:
-            raise ScriptError(f"TorchServe at {self.url} did not answer {endpoint}/{model} within {self.timeout:.0f}s (the model's responseTimeout, or a busy server)") from None
+            raise ScriptError(f"TorchServe at {self.url} did not answer {endpoint}/{model} within {self.timeout:g}s (the model's responseTimeout, or a busy server)") from None
 
 
 def archive_device(archive: Path) -> str | None:

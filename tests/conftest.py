@@ -5,6 +5,11 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import os
+import subprocess
+import sys
+import sysconfig
+import textwrap
 import zipfile
 from pathlib import Path
 
@@ -56,6 +61,28 @@ def net_archive(net_spec: ModelSpec, tmp_path_factory: pytest.TempPathFactory) -
 @pytest.fixture(scope="session")
 def net_dir(net_archive: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return unpack(net_archive, tmp_path_factory.mktemp("unpacked"))
+
+
+def answer_without_library(model_dir: Path, bodies: list[bytes]) -> list:
+    """One batch through an unpacked archive, loaded as a TorchServe worker does, in a Python that has
+    torch and ts but neither this library (``-S`` hides the editable install) nor numpy."""
+    script = textwrap.dedent(
+        f"""
+        import json, sys
+        sys.modules["numpy"] = None  # torch does not require numpy, so a TorchServe host may lack it
+        sys.path.insert(0, {str(model_dir)!r})  # TorchServe puts the model dir first on the worker's PYTHONPATH
+        from ts.model_loader import TsModelLoader
+        service = TsModelLoader().load("m", {str(model_dir)!r}, "serveready_entry.py", None, {len(bodies)})
+        import serveready.handlers
+        assert serveready.handlers.__file__.startswith({str(model_dir)!r}), serveready.handlers.__file__
+        out = service._entry_point([{{"body": b}} for b in {bodies!r}], service.context)
+        print(json.dumps(out))
+        """
+    )
+    env = {"PYTHONPATH": sysconfig.get_paths()["purelib"], "PATH": os.environ["PATH"], "HOME": str(model_dir)}
+    done = subprocess.run([sys.executable, "-S", "-W", "ignore", "-c", script], cwd=model_dir, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def reference_net(weights: Path, rows: np.ndarray) -> np.ndarray:
@@ -147,3 +174,64 @@ def variant_builds(net_spec: ModelSpec, digits_spec: ModelSpec, tmp_path_factory
         archive, row = build_measured(spec, store, references)
         builds[spec.name] = VariantBuild(spec, archive, row)
     return builds
+
+
+TINY_CNN = '''"""An ordinary small image classifier: convolution, pooling to 4x4, a linear head."""
+import torch
+from torch import nn
+
+
+class TinyCNN(nn.Module):
+    def __init__(self, channels: int = 3, classes: int = 4) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(channels, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(4))
+        self.head = nn.Linear(8 * 16, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x).flatten(1))
+'''
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageProject:
+    """A user's image classifier: its folder, spec, archive and the model computed here."""
+
+    folder: Path
+    spec: ModelSpec
+    archive: Path
+    model: torch.nn.Module
+
+
+def image_project(base: Path, channels: int, handler: dict, sample: list[int], classes: tuple[str, str]) -> ImageProject:
+    """TinyCNN with seeded random weights (sharpened so probabilities differ), packed from a folder of its own."""
+    folder = base / "user"
+    (folder / "models").mkdir(parents=True)
+    (folder / "model_configs").mkdir()
+    (folder / "models" / "tiny.py").write_text(TINY_CNN)
+    (folder / classes[0]).write_text(classes[1])
+    namespace: dict = {}
+    exec(compile(TINY_CNN, "tiny.py", "exec"), namespace)  # noqa: S102  (the reference model, outside the archive)
+    torch.manual_seed(7)
+    model = namespace["TinyCNN"](channels=channels).eval()
+    with torch.no_grad():
+        model.head.weight.mul_(20.0)
+    torch.save(model.state_dict(), folder / "tiny.pt")
+    config = {
+        "name": "tiny",
+        "model": {"file": "models/tiny.py", "class": "TinyCNN", "kwargs": {"channels": channels}, "sample_shape": sample},
+        "weights": "tiny.pt",
+        "extra_files": [classes[0]],
+        "handler": {"entry": "image_classifier", "classes_file": classes[0], **handler},
+    }
+    (folder / "model_configs" / "tiny.yaml").write_text(yaml.safe_dump(config))
+    spec = load_spec(folder / "model_configs" / "tiny.yaml")
+    return ImageProject(folder, spec, build(spec, folder / "model_store"), model)
+
+
+#: An RGB classifier with torchvision's usual pipeline: Resize(40), CenterCrop(32), Normalize.
+RGB_HANDLER = {"preprocess": "standard", "resize": [40], "crop": [32], "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3], "top_k": 2}
+
+
+@pytest.fixture(scope="session")
+def rgb_project(tmp_path_factory: pytest.TempPathFactory) -> ImageProject:
+    return image_project(tmp_path_factory.mktemp("rgb"), 3, RGB_HANDLER, [2, 3, 32, 32], ("classes.txt", "cat\ndog\n\nbird\nfish\n"))

@@ -17,7 +17,7 @@ import torch
 
 from serveready.archiver.datasets import load_digits_split
 from serveready.scripts.runinfo import RunDir
-from tests.conftest import ROOT, VariantBuild, digits_model, reference_net, render_digit
+from tests.conftest import RGB_HANDLER, ROOT, ImageProject, VariantBuild, digits_model, reference_net, render_digit
 from tests.e2e.conftest import Api, serving
 from tests.e2e.test_serve import ts_manage
 
@@ -25,14 +25,14 @@ PLAIN = Path(os.environ.get("PLAIN_VENV", ROOT / ".venv-plain"))
 
 
 @pytest.fixture(scope="module")
-def plain(net_archive: Path, digits_archive: Path, variant_builds: dict[str, VariantBuild], tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunDir]:
+def plain(net_archive: Path, digits_archive: Path, variant_builds: dict[str, VariantBuild], rgb_project: ImageProject, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunDir]:
     launcher = PLAIN / "bin" / "torchserve"
     if not launcher.exists():
         message = f"no plain TorchServe environment at {PLAIN}: `make test` builds it"
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)
-    archives = [net_archive, digits_archive] + [variant_builds[n].archive for n in ("digits_int8_static", "net_exported", "net_onnx")]
+    archives = [net_archive, digits_archive, rgb_project.archive] + [variant_builds[n].archive for n in ("digits_int8_static", "net_exported", "net_onnx")]
     with serving(archives, tmp_path_factory.mktemp("plain"), torchserve=str(launcher)) as run:
         yield run
 
@@ -74,3 +74,19 @@ def test_onnx_archive_says_what_the_host_lacks(plain: RunDir) -> None:
     assert done.returncode == 1
     assert "the worker said: this archive needs onnxruntime on the TorchServe host: pip install onnxruntime" in done.stderr
     assert "net_onnx" not in ts_manage(plain, "list").stdout
+
+
+def test_an_ordinary_image_classifier_serves_photos(plain: RunDir, rgb_project: ImageProject) -> None:
+    """Resize, centre crop and normalise from the config, class names from a text file, on a host without torchvision."""
+    from tests.unit.test_standard_images import picture, torchvision_like
+
+    assert ts_manage(plain, "register", "tiny.mar").returncode == 0
+    sent = picture((120, 90), "RGB", "JPEG", 21)
+    reply = Api(plain).predict("tiny", sent, content_type="image/jpeg")
+    assert reply.status_code == 200, reply.text
+    with torch.inference_mode():
+        inputs = torchvision_like(sent, RGB_HANDLER["resize"][0], RGB_HANDLER["crop"][0], RGB_HANDLER["mean"], RGB_HANDLER["std"])
+        expected = torch.softmax(rgb_project.model(inputs[None]), dim=1)[0]
+    top = expected.topk(2)
+    assert [p["class"] for p in reply.json()["predictions"]] == [["cat", "dog", "bird", "fish"][i] for i in top.indices.tolist()]
+    np.testing.assert_allclose([p["probability"] for p in reply.json()["predictions"]], top.values.numpy(), rtol=1e-4, atol=1e-5)

@@ -4,11 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import subprocess
-import sys
-import sysconfig
-import textwrap
 import zipfile
 from pathlib import Path
 
@@ -17,6 +12,7 @@ import torch
 import yaml
 
 from serveready.archiver import ArchiverError, ModelSpec, build, load_spec, verify
+from tests.conftest import answer_without_library
 
 ROOT = Path(__file__).resolve().parents[2]
 #: sklearn's digits.images[0], a zero.
@@ -104,25 +100,8 @@ def test_bad_configs_are_refused(tmp_path: Path, patch: dict, message: str) -> N
 )
 def test_archive_serves_without_this_library_or_numpy(archive: str, handler: str, body: bytes, request: pytest.FixtureRequest) -> None:
     """Load the archive as a TorchServe worker does, with torch and ts but not this repo, nor numpy."""
-    model_dir = request.getfixturevalue(archive)
-    script = textwrap.dedent(
-        f"""
-        import json, sys
-        sys.modules["numpy"] = None  # torch does not require numpy, so a TorchServe host may lack it
-        sys.path.insert(0, {str(model_dir)!r})  # TorchServe puts the model dir first on the worker's PYTHONPATH
-        from ts.model_loader import TsModelLoader
-        service = TsModelLoader().load("m", {str(model_dir)!r}, {handler!r}, None, 1)
-        import serveready.handlers
-        assert serveready.handlers.__file__.startswith({str(model_dir)!r}), serveready.handlers.__file__
-        out = service._entry_point([{{"body": {body!r}}}], service.context)
-        print(json.dumps(out))
-        """
-    )
-    # -S: no site processing, so the editable install of this repo is invisible.
-    env = {"PYTHONPATH": sysconfig.get_paths()["purelib"], "PATH": os.environ["PATH"], "HOME": str(model_dir)}
-    done = subprocess.run([sys.executable, "-S", "-W", "ignore", "-c", script], cwd=model_dir, env=env, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-2000:]
-    [answer] = json.loads(done.stdout.strip().splitlines()[-1])
+    assert handler == "serveready_entry.py"
+    [answer] = answer_without_library(request.getfixturevalue(archive), [body])
     assert "predictions" in answer and len(answer["predictions"]) >= 1
     if archive == "digits_dir":
         assert answer["predictions"][0]["class"] == "0"

@@ -13,8 +13,9 @@ import yaml
 
 from serveready.handlers.config import DeviceType
 from serveready.scripts import server
-from serveready.scripts.client import archive_device, retarget_archive
-from serveready.scripts.runinfo import ScriptError, read_properties
+from serveready.scripts.client import Inference, archive_device, retarget_archive
+from serveready.scripts.explain import explain
+from serveready.scripts.runinfo import RunDir, ScriptError, read_properties
 from serveready.scripts.server import ServerConfig, isolated
 
 
@@ -69,3 +70,33 @@ def test_start_fails_fast_with_the_log_when_a_port_is_taken(net_archive: Path, t
             server.start(config, timeout=60)
     assert "TorchServe exited during start-up; last log lines:" in err.value.message
     assert "Address already in use" in err.value.message
+
+
+def _fake_run(tmp_path: Path, port: int) -> RunDir:
+    """A run folder whose server has token authorization off, as a user may configure it."""
+    run = RunDir(tmp_path / "run")
+    run.path.mkdir()
+    run.config_file.write_text(f"inference_address=http://127.0.0.1:{port}\nmanagement_address=http://127.0.0.1:{port}\ndisable_token_authorization=true\n")
+    return run
+
+
+def test_explain_says_when_the_server_does_not_answer(tmp_path: Path) -> None:
+    image = tmp_path / "digit.png"
+    image.write_bytes(b"\x89PNG")
+    with socket.socket() as silent:  # accepts connections, never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        port = silent.getsockname()[1]
+        run = _fake_run(tmp_path, port)
+        with pytest.raises(ScriptError) as err:
+            explain(run, "digits", image, timeout=0.5)
+    assert err.value.message == f"TorchServe at http://127.0.0.1:{port} did not answer explanations/digits within 0.5s (the model's responseTimeout, or a busy server)"
+    with pytest.raises(ScriptError, match="cannot read .*missing.png: No such file or directory"):
+        explain(run, "digits", tmp_path / "missing.png")
+
+
+def test_no_authorization_header_when_token_authorization_is_off(tmp_path: Path) -> None:
+    inference = Inference.from_run(_fake_run(tmp_path, 1))
+    assert inference.token is None
+    assert inference.headers("application/json") == {"Content-Type": "application/json"}
+    assert Inference("http://x", "k").headers("image/png") == {"Content-Type": "image/png", "Authorization": "Bearer k"}

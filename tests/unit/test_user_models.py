@@ -1,0 +1,233 @@
+"""Anyone's model from their own folder: named handlers, handlers of one's own, typed configs, no training, init."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from serveready.archiver import ArchiverError, ModelSpec, build, load_spec, load_specs
+from serveready.archiver.build import build_all, is_built
+from serveready.archiver.cli import main as ts_archive
+from serveready.archiver.training import is_stale
+from tests.conftest import ROOT, answer_without_library, reference_net, unpack
+
+NET_MODEL = {"file": "models/net.py", "class": "Net", "kwargs": {"in_features": 10, "hidden": 20}, "sample_shape": [2, 10]}
+
+MY_HANDLER = '''
+from dataclasses import dataclass
+
+from serveready.handlers import BatchHandler, Decoded, HandlerOptions, decode_json, json_field, option, parse_rows, request_body
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScaledOptions(HandlerOptions):
+    scale: float = option(1.0, doc="multiplies every prediction")
+
+
+class Helper:
+    """A second class beside the handler: TorchServe alone would refuse this module."""
+
+
+class ScaledHandler(BatchHandler):
+    options_type = ScaledOptions
+
+    def decode(self, request, headers):
+        return Decoded(parse_rows(json_field(decode_json(request_body(request)), "inputs", "rows"), 10, 64))
+
+    def encode(self, item, outputs):
+        return {"scaled": (outputs * self.options.scale).tolist()}
+'''
+
+
+def project(tmp_path: Path, net_spec: ModelSpec, configs: dict[str, dict], files: dict[str, str] | None = None) -> Path:
+    """A user's folder: models/net.py, its trained weights, the given configs and files; nothing of this repo."""
+    folder = tmp_path / "user"
+    (folder / "models").mkdir(parents=True)
+    (folder / "model_configs").mkdir()
+    (folder / "artifacts").mkdir()
+    shutil.copy(ROOT / "models" / "net.py", folder / "models" / "net.py")
+    shutil.copy(net_spec.weights, folder / "artifacts" / "mine.pt")
+    for name, config in configs.items():
+        (folder / "model_configs" / f"{name}.yaml").write_text(yaml.safe_dump(config))
+    for name, text in (files or {}).items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(text)
+    return folder
+
+
+def mine(handler: dict, **more: object) -> dict:
+    return {"name": "mine", "model": NET_MODEL, "weights": "artifacts/mine.pt", "handler": handler, **more}
+
+
+ROW = [0.1, -0.2, 0.3, 0.0, 1.5, -1.0, 0.7, 0.2, -0.4, 0.9]
+
+
+@pytest.mark.parametrize("entry", ["tabular", "handlers/tabular.py", "serveready.handlers.tabular:TabularHandler"])
+def test_built_in_handlers_are_named_from_any_folder(entry: str, net_spec: ModelSpec, tmp_path: Path) -> None:
+    """By name, by the path the README documented before names (no such file here), or by module and class."""
+    folder = project(tmp_path, net_spec, {"mine": mine({"entry": entry, "input_width": 10})})
+    archive = build(load_spec(folder / "model_configs" / "mine.yaml"), folder / "model_store")
+    with zipfile.ZipFile(archive) as mar:
+        assert "from serveready.handlers.tabular import TabularHandler as _Handler" in mar.read("serveready_entry.py").decode()
+        assert not [n for n in mar.namelist() if n.startswith(("handlers/", "tabular"))]
+    [answer] = answer_without_library(unpack(archive, tmp_path / "unpacked"), [json.dumps({"inputs": ROW}).encode()])
+    np.testing.assert_allclose(answer["predictions"], reference_net(net_spec.weights, np.array([ROW], np.float32)), rtol=1e-5)
+
+
+@pytest.mark.parametrize("entry", ["my_handler.py", "my_handler.py:ScaledHandler", "mine_pkg.scaled:ScaledHandler"])
+def test_a_handler_of_ones_own_with_its_own_options(entry: str, net_spec: ModelSpec, tmp_path: Path) -> None:
+    files = {"my_handler.py": MY_HANDLER, "mine_pkg/__init__.py": "", "mine_pkg/scaled.py": MY_HANDLER}
+    folder = project(tmp_path, net_spec, {"mine": mine({"entry": entry, "scale": 2.0})}, files)
+    archive = build(load_spec(folder / "model_configs" / "mine.yaml"), folder / "model_store")
+    with zipfile.ZipFile(archive) as mar:
+        names = set(mar.namelist())
+    assert ("mine_pkg/scaled.py" in names) == entry.startswith("mine_pkg") and ("my_handler.py" in names) != entry.startswith("mine_pkg")
+    bodies = [json.dumps({"inputs": ROW}).encode(), b'{"inputs": [1, 2]}']
+    good, bad = answer_without_library(unpack(archive, tmp_path / "unpacked"), bodies)
+    np.testing.assert_allclose(good["scaled"], 2 * reference_net(net_spec.weights, np.array([ROW], np.float32)), rtol=1e-5)
+    assert bad == {"code": 400, "type": "InvalidInput", "message": "row 0 has 2 values, expected 10"}
+
+
+@pytest.mark.parametrize(
+    ("handler", "files", "message"),
+    [
+        ({"entry": "my_handler.py", "scale": "two"}, {"my_handler.py": MY_HANDLER}, "handler.scale must be a number, got 'two'"),
+        ({"entry": "my_handler.py", "scael": 2}, {"my_handler.py": MY_HANDLER}, "handler.scael is not a known key; did you mean 'scale'?"),
+        ({"entry": "my_handler.py:Helper"}, {"my_handler.py": MY_HANDLER}, "Helper is not a subclass of serveready.handlers.BatchHandler"),
+        ({"entry": "serveready.handlers:BatchHandler"}, {}, "BatchHandler does not define decode and encode"),
+        ({"entry": "json.py"}, {"json.py": MY_HANDLER}, "handler file json.py would shadow the module 'json' on the TorchServe worker"),
+        ({"entry": "nothere.py"}, {}, "nothere.py does not exist"),
+        ({"entry": "tabularr"}, {}, "is not a built-in handler (tabular, image_classifier)"),
+        ({"entry": "tabular", "input_width": "10"}, {}, "handler.input_width must be an int (or null), got '10'"),
+        ({"entry": "tabular", "input_width": 9}, {}, "handler.input_width 9 differs from model.sample_shape [2, 10]"),
+        ({"entry": "tabular", "max_rows": 0}, {}, "handler.max_rows must be at least 1, got 0"),
+        ({"entry": "image_classifier"}, {}, "model.sample_shape must be [batch, channels (1 or 3), height, width] for image classifiers, got [2, 10]"),
+    ],
+)
+def test_bad_handler_entries_and_options_fail_the_build_naming_the_key(handler: dict, files: dict, message: str, net_spec: ModelSpec, tmp_path: Path) -> None:
+    folder = project(tmp_path, net_spec, {"mine": mine(handler)}, files)
+    with pytest.raises(ArchiverError) as err:
+        load_spec(folder / "model_configs" / "mine.yaml")
+    assert err.value.message.startswith("mine.yaml: ") and message in err.value.message
+
+
+@pytest.mark.parametrize(
+    ("patch", "message"),
+    [
+        ({"training": {"recipe": "regression", "epochs": -1}}, "training.epochs must be at least 1, got -1"),
+        ({"training": {"recipe": "magic"}}, "training.recipe must be one of 'regression', 'digits', got 'magic'"),
+        ({"training": {"recipe": "regression", "lr": "fast"}}, "training.lr must be a number, got 'fast'"),
+        ({"data": {"file": "data/x.pt"}}, "data.task is required"),
+        ({"data": {"file": "data/x.pt", "task": "ranking"}}, "data.task must be one of 'classification', 'regression', got 'ranking'"),
+        ({"handlr": {}}, "handlr is not a model config key"),
+        ({"variant": {"kind": "int8_dynamic"}}, "variant needs base"),
+        ({"model": {**NET_MODEL, "sample_shape": [10]}}, "model.sample_shape must be a list of at least two positive ints"),
+        ({"model": {**NET_MODEL, "kwarg": {}}}, "model.kwarg is not a known key"),
+    ],
+)
+def test_bad_sections_fail_naming_the_key(patch: dict, message: str, net_spec: ModelSpec, tmp_path: Path) -> None:
+    folder = project(tmp_path, net_spec, {"mine": {**mine({"entry": "tabular"}), **patch}})
+    with pytest.raises(ArchiverError) as err:
+        load_spec(folder / "model_configs" / "mine.yaml")
+    assert message in err.value.message
+
+
+@pytest.mark.parametrize(
+    ("variant", "fidelity", "message"),
+    [
+        ({"kind": "int4"}, {}, "variant.kind must be one of 'int8_dynamic', 'int8_static', 'half'"),
+        ({"kind": "half"}, {}, "variant.dtype is required: one of 'float16', 'bfloat16'"),
+        ({"kind": "pruned", "sparsity": 1.5}, {}, "variant.sparsity must be at most 0.99, got 1.5"),
+        ({"kind": "pruned_structured", "layers": ["fc1"]}, {}, "variant.layers must name two Linear layers, got ['fc1']"),
+        ({"kind": "int8_dynamic"}, {"max_abs_diff": "small"}, "fidelity.max_abs_diff must be a number (or null), got 'small'"),
+        ({"kind": "int8_dynamic"}, {"max_accuracy_drop": 2}, "fidelity.max_accuracy_drop must be at most 1, got 2"),
+    ],
+)
+def test_bad_variant_configs_fail_naming_the_key(variant: dict, fidelity: dict, message: str, net_spec: ModelSpec, tmp_path: Path) -> None:
+    folder = project(tmp_path, net_spec, {"mine": mine({"entry": "tabular"}), "mine_v": {"name": "mine_v", "base": "mine", "variant": variant, "fidelity": fidelity}})
+    with pytest.raises(ArchiverError) as err:
+        load_spec(folder / "model_configs" / "mine_v.yaml")
+    assert err.value.message.startswith("mine_v.yaml: ") and message in err.value.message
+
+
+def test_without_training_or_data_it_builds_and_the_report_leaves_quality_out(net_spec: ModelSpec, tmp_path: Path) -> None:
+    configs = {"mine": mine({"entry": "tabular"}), "mine_int8": {"name": "mine_int8", "base": "mine", "variant": {"kind": "int8_dynamic"}}}
+    folder = project(tmp_path, net_spec, configs)
+    before = {p for p in folder.rglob("*") if p.is_file()}
+    built = build_all(load_specs(folder / "model_configs"), folder / "model_store")
+    assert [p.name for p in built] == ["mine.mar", "mine_int8.mar"]
+    written = {p.relative_to(folder) for p in folder.rglob("*") if p.is_file()} - {p.relative_to(folder) for p in before}
+    assert written == {Path("model_store/mine.mar"), Path("model_store/mine_int8.mar"), Path("model_store/report.json"), Path("model_store/report.md")}
+    rows = {r["name"]: r for r in json.loads((folder / "model_store" / "report.json").read_text())["archives"]}
+    assert not {"mse", "accuracy", "max_abs_diff"} & set(rows["mine"]) and rows["mine_int8"]["parameters"] == 241
+    assert "| mine | fp32 |" in (folder / "model_store" / "report.md").read_text()
+
+
+def test_held_out_data_of_ones_own_gives_quality_and_fidelity(net_spec: ModelSpec, tmp_path: Path) -> None:
+    x = torch.randn(50, 10, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor(reference_net(net_spec.weights, x.numpy()), dtype=torch.float32)
+    configs = {
+        "mine": mine({"entry": "tabular"}, data={"file": "data/heldout.pt", "task": "regression"}),
+        "mine_fp16": {"name": "mine_fp16", "base": "mine", "variant": {"kind": "half", "dtype": "float16"}, "fidelity": {"max_abs_diff": 0.05}},
+        "mine_small": {"name": "mine_small", "base": "mine", "variant": {"kind": "distilled"}, "model": {"kwargs": {"in_features": 10, "hidden": 4}}},
+    }
+    folder = project(tmp_path, net_spec, configs)
+    (folder / "data").mkdir()
+    torch.save({"x_test": x, "y_test": y}, folder / "data" / "heldout.pt")
+    specs = {s.name: s for s in load_specs(folder / "model_configs")}
+    build_all([specs["mine"], specs["mine_fp16"]], folder / "model_store")
+    rows = {r["name"]: r for r in json.loads((folder / "model_store" / "report.json").read_text())["archives"]}
+    assert rows["mine"]["mse"] < 1e-10 and 0 < rows["mine_fp16"]["max_abs_diff"] <= 0.05
+    with pytest.raises(ArchiverError, match="mine_small: variant kind distilled needs training inputs: add x_train"):
+        build(specs["mine_small"], folder / "model_store")
+
+
+def test_a_fidelity_bound_without_data_is_refused(net_spec: ModelSpec, tmp_path: Path) -> None:
+    configs = {"mine": mine({"entry": "tabular"}), "mine_int8": {"name": "mine_int8", "base": "mine", "variant": {"kind": "int8_dynamic"}, "fidelity": {"max_abs_diff": 0.3}}}
+    folder = project(tmp_path, net_spec, configs)
+    with pytest.raises(ArchiverError, match=r"mine_int8: fidelity bounds \(max_abs_diff\) need held-out data: give mine.yaml a data: file"):
+        build(load_spec(folder / "model_configs" / "mine_int8.yaml"), folder / "model_store")
+    assert not (folder / "model_store" / "mine_int8.mar").exists()
+
+
+def test_staleness_counts_a_missing_input_as_changed(net_spec: ModelSpec, tmp_path: Path) -> None:
+    configs = {"mine": {**mine({"entry": "tabular"}), "extra_files": ["notes.txt"]}, "mine_int8": {"name": "mine_int8", "base": "mine", "variant": {"kind": "int8_dynamic"}}}
+    folder = project(tmp_path, net_spec, configs, {"notes.txt": "travels in the archive"})
+    specs = {s.name: s for s in load_specs(folder / "model_configs")}
+    build(specs["mine"], folder / "model_store")
+    assert is_built(specs["mine"], folder / "model_store")
+    (folder / "notes.txt").unlink()
+    assert not is_built(specs["mine"], folder / "model_store")
+    assert not is_stale(specs["mine"])  # the user's own weights: nothing to retrain
+    variant = specs["mine_int8"]
+    assert is_stale(variant)  # no weights yet
+    variant.weights.parent.mkdir(exist_ok=True)
+    variant.weights.write_bytes(b"x")
+    assert not is_stale(variant)
+    (folder / "model_configs" / "mine.yaml").unlink()  # the base's config is gone
+    assert is_stale(variant)
+
+
+def test_init_writes_a_commented_config_that_builds(net_spec: ModelSpec, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    folder = project(tmp_path, net_spec, {})
+    monkeypatch.chdir(folder)
+    args = ["init", "mine", "--model-file", "models/net.py", "--class", "Net", "--input", "tabular", "--kwarg", "in_features=10", "--kwarg", "hidden=20"]
+    assert ts_archive(args) == 0
+    text = (folder / "model_configs" / "mine.yaml").read_text()
+    for line in ("entry: tabular", "sample_shape: [2, 10]", "weights: artifacts/mine.pt", "kwargs: {hidden: 20, in_features: 10}", "# max_rows: 1024", "larger requests get 400"):
+        assert line in text, line
+    assert ts_archive(args) == 1 and "mine.yaml exists: edit it, or pass --force" in capsys.readouterr().err
+    assert ts_archive(["build", "mine"]) == 0
+    assert (folder / "model_store" / "mine.mar").is_file()
+    image = ["init", "pic", "--model-file", "models/net.py", "--class", "Net", "--input", "image", "--kwarg", "in_features=10"]
+    assert ts_archive(image) == 1 and "pass --sample-shape, e.g. --sample-shape 2 3 224 224" in capsys.readouterr().err
+    wrong = ["init", "bad", "--model-file", "models/net.py", "--class", "Nett", "--input", "tabular"]
+    assert ts_archive(wrong) == 1 and "defines no torch.nn.Module named 'Nett'" in capsys.readouterr().err
+    assert not (folder / "model_configs" / "bad.yaml").exists()
