@@ -4,21 +4,14 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
-import platform
 from pathlib import Path
 from typing import Any
 
-import torch
+from serveready.handlers.runtime import machine
 
 from .variants import KINDS
 
 _ORDER = list(KINDS)
-
-
-def machine() -> str:
-    """Where the latencies were measured."""
-    return f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, torch {torch.__version__}"
 
 
 def write_report(rows: list[dict[str, Any]], json_path: Path, md_path: Path | None) -> None:

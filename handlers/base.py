@@ -36,7 +36,7 @@ from typing import Any, ClassVar
 import torch
 
 from .config import HandlerOptions, ModelOptions, parse
-from .errors import ExplanationsUnavailable, HandlerError, InvalidInput
+from .errors import ExplanationsUnavailable, HandlerError
 from .loaders import load_model
 from .runtime import default_threads, limit_threads, select_device
 
@@ -136,15 +136,20 @@ class BatchHandler:
         return outputs.argmax(dim=1) if outputs.shape[1] > 1 else 0
 
     # -- the lifecycle -----------------------------------------------------
-    def preprocess(self, data: Sequence[Mapping[str, Any]], context: Any = None) -> list[Decoded | InvalidInput]:
-        """Decode every request; a bad one becomes its InvalidInput, not the batch's failure."""
-        decoded: list[Decoded | InvalidInput] = []
+    def preprocess(self, data: Sequence[Mapping[str, Any]], context: Any = None) -> list[Decoded | HandlerError]:
+        """Decode every request; a bad one becomes its error (400, or 500 for a fault of ours), not the batch's failure."""
+        decoded: list[Decoded | HandlerError] = []
         for idx, request in enumerate(data):
             headers = _headers(context, idx)
             try:
                 item = self.decode(request, headers)
-            except InvalidInput as err:
+            except HandlerError as err:
                 decoded.append(err)
+                continue
+            except Exception:
+                # A fault in decoding code, not the client's: log it, fail this request alone.
+                logger.exception("decoding request %d failed", idx)
+                decoded.append(HandlerError("this request could not be decoded: internal error, see the model log"))
                 continue
             item.explain = headers.get(EXPLAIN_HEADER) == "True"
             decoded.append(item)
@@ -182,7 +187,7 @@ class BatchHandler:
         decoded = self.preprocess(data, context)
         answers: list[Any] = [None] * len(decoded)
         for idx, item in enumerate(decoded):
-            if isinstance(item, InvalidInput):
+            if isinstance(item, HandlerError):
                 answers[idx] = _fail(context, idx, item)
         for explain in (False, True):
             group = [i for i, item in enumerate(decoded) if isinstance(item, Decoded) and item.explain is explain]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import platform
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -21,6 +22,11 @@ from torch import nn
 from .errors import ModelLoadError
 
 logger = logging.getLogger(__name__)
+
+
+def machine() -> str:
+    """Where numbers were measured: CPU architecture, cores, OS and torch version."""
+    return f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, torch {torch.__version__}"
 
 
 def select_device(gpu_id: int | None) -> torch.device:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import requests
 
-from serveready.archiver.report import machine
+from serveready.handlers.runtime import machine
 
 from .client import Inference, Management
 from .runinfo import RunDir, ScriptError

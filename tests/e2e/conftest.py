@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -12,6 +13,21 @@ import requests
 
 from serveready.scripts.runinfo import RunDir, TokenKind
 from serveready.scripts.server import isolated, start, stop
+from tests.conftest import ROOT
+
+#: A plain TorchServe host: torch, torchserve and pyyaml only (`make test` builds it).
+PLAIN = Path(os.environ.get("PLAIN_VENV", ROOT / ".venv-plain"))
+
+
+def plain_launcher() -> Path:
+    """The plain host's torchserve launcher; without it the test is skipped (failed on CI)."""
+    launcher = PLAIN / "bin" / "torchserve"
+    if not launcher.exists():
+        message = f"no plain TorchServe environment at {PLAIN}: `make test` builds it"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return launcher
 
 
 @contextmanager

@@ -7,7 +7,6 @@ No numpy, no captum, no onnxruntime, no copy of this library: the environment
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,21 +16,14 @@ import torch
 
 from serveready.archiver.datasets import load_digits_split
 from serveready.scripts.runinfo import RunDir
-from tests.conftest import RGB_HANDLER, ROOT, ImageProject, VariantBuild, digits_model, reference_net, render_digit
-from tests.e2e.conftest import Api, serving
+from tests.conftest import RGB_HANDLER, ImageProject, VariantBuild, digits_model, reference_net, render_digit
+from tests.e2e.conftest import PLAIN, Api, plain_launcher, serving
 from tests.e2e.test_serve import ts_manage
-
-PLAIN = Path(os.environ.get("PLAIN_VENV", ROOT / ".venv-plain"))
 
 
 @pytest.fixture(scope="module")
 def plain(net_archive: Path, digits_archive: Path, variant_builds: dict[str, VariantBuild], rgb_project: ImageProject, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunDir]:
-    launcher = PLAIN / "bin" / "torchserve"
-    if not launcher.exists():
-        message = f"no plain TorchServe environment at {PLAIN}: `make test` builds it"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+    launcher = plain_launcher()
     archives = [net_archive, digits_archive, rgb_project.archive] + [variant_builds[n].archive for n in ("digits_int8_static", "net_exported", "net_onnx")]
     with serving(archives, tmp_path_factory.mktemp("plain"), torchserve=str(launcher)) as run:
         yield run

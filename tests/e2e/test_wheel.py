@@ -25,8 +25,7 @@ import torch
 from serveready.scripts.runinfo import RunDir
 from serveready.scripts.server import free_ports
 from tests.conftest import ROOT
-from tests.e2e.conftest import Api
-from tests.e2e.test_plain_host import PLAIN
+from tests.e2e.conftest import Api, plain_launcher
 
 #: The README's "Package your own model" commands, run as written (the README is checked to hold them).
 WALKTHROUGH = [
@@ -77,12 +76,7 @@ def folder(venv: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def served(venv: Path, folder: Path) -> Iterator[RunDir]:
-    launcher = PLAIN / "bin" / "torchserve"
-    if not launcher.exists():
-        message = f"no plain TorchServe environment at {PLAIN}: `make test` builds it"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+    launcher = plain_launcher()
     names = ("TS_INFERENCE_PORT", "TS_MANAGEMENT_PORT", "TS_METRICS_PORT", "TS_GRPC_INFERENCE_PORT", "TS_GRPC_MANAGEMENT_PORT")
     ports = {name: str(port) for name, port in zip(names, free_ports(5), strict=True)}
     env = {**ports, "TS_RUN_DIR": str(folder / "run")}

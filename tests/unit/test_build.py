@@ -105,3 +105,38 @@ def test_archive_serves_without_this_library_or_numpy(archive: str, handler: str
     assert "predictions" in answer and len(answer["predictions"]) >= 1
     if archive == "digits_dir":
         assert answer["predictions"][0]["class"] == "0"
+
+
+#: model_configs/net.yaml as the README documented it before handlers had names.
+README_0_1_CONFIG = """
+name: net
+version: "1.0"
+model:
+  file: models/net.py          # shipped in the archive; imports only torch
+  class: Net
+  kwargs: {in_features: 10, hidden: 20}
+  sample_shape: [2, 10]        # build-time check: one forward on zeros of this shape
+weights: artifacts/net.pt      # state_dict only
+handler:
+  entry: handlers/tabular.py
+  input_width: 10
+  max_rows: 1024
+  torch_threads: 1             # per worker (default: cores / maxWorkers)
+training: {recipe: regression, seed: 0, samples: 2000, holdout: 0.2, noise: 0.1, epochs: 300, lr: 0.05}
+serve:                         # TorchServe model-config keys, copied into the archive
+  minWorkers: 1
+  maxWorkers: 1
+  batchSize: 8
+  maxBatchDelay: 20
+  responseTimeout: 30
+  deviceType: cpu
+"""
+
+
+def test_the_config_format_the_readme_documented_still_builds(net_spec: ModelSpec, tmp_path: Path) -> None:
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "net.yaml").write_text(README_0_1_CONFIG)
+    spec = dataclasses.replace(load_spec(tmp_path / "configs" / "net.yaml", root=ROOT), weights=net_spec.weights)
+    assert spec.handler.module == "serveready.handlers.tabular" and spec.training == net_spec.training
+    with zipfile.ZipFile(build(spec, tmp_path / "store")) as mar:
+        assert yaml.safe_load(mar.read("model-config.yaml"))["handler"]["input_width"] == 10

@@ -108,3 +108,18 @@ def test_explanations_of_rows_add_up_to_the_output_change(net_dir: Path) -> None
     baseline = reference_net(net_dir / "net.pt", np.zeros((1, 10), np.float32))
     np.testing.assert_allclose(attributions.sum(axis=1), (reference_net(net_dir / "net.pt", rows) - baseline)[:, 0], rtol=1e-3, atol=1e-4)
     np.testing.assert_allclose(answer["predictions"], reference_net(net_dir / "net.pt", rows), rtol=1e-5, atol=1e-5)
+
+
+def test_a_fault_in_decoding_fails_that_request_alone(net_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    handler, context = _ready(net_dir, 2)
+    decode = handler.decode
+
+    def flaky(request, headers):  # noqa: ANN001, ANN202
+        if request["body"] == b"boom":
+            raise ValueError("a bug of ours, not the client's")
+        return decode(request, headers)
+
+    monkeypatch.setattr(handler, "decode", flaky)
+    bad, good = handler.handle([{"body": b"boom"}, _request({"inputs": [0.0] * 10})], context)
+    assert bad == {"code": 500, "type": "HandlerError", "message": "this request could not be decoded: internal error, see the model log"}
+    assert context.get_response_status(0)[0] == 500 and "predictions" in good
