@@ -40,6 +40,7 @@ from serveready.handlers.loaders import load_model
 from serveready.handlers.runtime import load_eager_model
 
 from . import evaluate
+from .datasets import DataFile
 from .entries import ENTRY_MODULE, HANDLERS_DIR, check_top_level_name
 from .errors import ArchiverError
 from .report import write_report
@@ -200,8 +201,8 @@ def inputs(spec: ModelSpec) -> list[Path]:
     paths = [spec.source, spec.model_file, *spec.extra_files, *LIBRARY_CODE]
     for path, _ in spec.handler.files:
         paths += list(path.rglob("*.py")) if path.is_dir() else [path]
-    if spec.data is not None and hasattr(spec.data, "path"):
-        paths.append(spec.data.path)  # type: ignore[union-attr]
+    if isinstance(spec.data, DataFile):
+        paths.append(spec.data.path)
     if spec.base is not None:
         paths += [spec.base.source, spec.base.weights] + ([spec.weights] if spec.weights.exists() else [])
     else:

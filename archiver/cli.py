@@ -15,7 +15,7 @@ from pathlib import Path
 from .build import build_all
 from .errors import ArchiverError
 from .scaffold import INPUTS, init_config, parse_kwargs
-from .spec import load_specs
+from .spec import ModelSpec, load_specs
 from .training import is_stale, train
 
 
@@ -68,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _train(specs: list, if_stale: bool, named: bool) -> None:
+def _train(specs: list[ModelSpec], if_stale: bool, named: bool) -> None:
+    """Train recipes and derive variants, a progress line each; models whose weights are the user's are left alone."""
     yours = [s for s in specs if s.base is None and s.training is None]
     if yours and not named:
         print(f"not trained here (no training: recipe, the weights are yours): {', '.join(s.name for s in yours)}", file=sys.stderr)

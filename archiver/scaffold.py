@@ -121,7 +121,7 @@ def render(
         lines.append(_line(f"extra_files: [{classes_file.as_posix()}]", "travels in the archive"))
     lines += ["", "handler:", _line(f"  entry: {handler}", f"built-in: {' | '.join(BUILTIN_HANDLERS)}; or my_handler.py, or package.module:Class")]
     given = {"classes_file": classes_file.name} if classes_file is not None else {}
-    defaults = to_mapping(options())
+    defaults = {**to_mapping(options()), **_examples(handler, sample_shape)}
     for spec in dataclasses.fields(options):
         doc = str(spec.metadata.get("doc", ""))
         if spec.name in given:
@@ -155,6 +155,20 @@ def render(
         "",
     ]
     return "\n".join(lines)
+
+
+def _examples(handler: str, sample_shape: tuple[int, ...]) -> dict[str, Any]:
+    """Values to show, commented out, where an option has no default: torchvision's ImageNet pipeline, scaled."""
+    if handler != "image_classifier" or len(sample_shape) != 4:
+        return {}
+    channels, height, width = sample_shape[1:]
+    imagenet = channels == 3
+    return {
+        "resize": [round(min(height, width) * 256 / 224)],
+        "crop": [height, width],
+        "mean": [0.485, 0.456, 0.406] if imagenet else [0.5],
+        "std": [0.229, 0.224, 0.225] if imagenet else [0.5],
+    }
 
 
 def _infer_shape(model_file: Path, class_name: str, kwargs: dict[str, Any], input_kind: str) -> tuple[int, ...]:

@@ -34,6 +34,7 @@ from torch import nn
 from torch.nn.utils import prune
 
 from serveready.handlers.config import option
+from serveready.handlers.errors import ConfigError
 from serveready.handlers.loaders import convert_static_int8, prepare_static_int8, quantize_dynamic_int8, quiet_quantization
 from serveready.handlers.runtime import build_module, load_eager_model
 
@@ -96,8 +97,6 @@ class StructuredOptions(FinetuneOptions):
 
     def __post_init__(self) -> None:
         if len(self.layers) != 2:
-            from serveready.handlers.errors import ConfigError
-
             raise ConfigError(f"layers must name two Linear layers, got {list(self.layers)}")
 
 

@@ -156,3 +156,26 @@ def test_served_without_this_library(rgb_project: ImageProject, tmp_path: Path) 
     with torch.inference_mode():
         expected = torch.softmax(rgb_project.model(torchvision_like(sent, 40, 32, RGB_HANDLER["mean"], RGB_HANDLER["std"])[None]), dim=1)[0]
     assert [p["index"] for p in answer["predictions"]] == expected.topk(2).indices.tolist()
+
+
+def test_init_writes_an_image_config_with_torchvision_style_examples(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from serveready.archiver.cli import main as ts_archive
+    from tests.conftest import TINY_CNN
+
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "tiny.py").write_text(TINY_CNN)
+    namespace: dict = {}
+    exec(compile(TINY_CNN, "tiny.py", "exec"), namespace)  # noqa: S102
+    torch.save(namespace["TinyCNN"]().state_dict(), tmp_path / "tiny.pt")
+    (tmp_path / "names.txt").write_text("a\nb\nc\nd\n")
+    monkeypatch.chdir(tmp_path)
+    args = ["init", "tiny", "--model-file", "models/tiny.py", "--class", "TinyCNN", "--input", "image", "--sample-shape", "2", "3", "32", "32",
+            "--weights", "tiny.pt", "--classes-file", "names.txt"]
+    assert ts_archive(args) == 0
+    config = tmp_path / "model_configs" / "tiny.yaml"
+    text = config.read_text()
+    for line in ("entry: image_classifier", "extra_files: [names.txt]", "classes_file: names.txt", "# resize: [37]", "# crop: [32, 32]", "# mean: [0.485, 0.456, 0.406]"):
+        assert line in text, line
+    config.write_text(text.replace("# resize: [37]", "resize: [37]").replace("# crop: [32, 32]", "crop: [32, 32]"))
+    assert ts_archive(["build"]) == 0
+    assert json.loads((tmp_path / "model_store" / "report.json").read_text())["archives"][0]["name"] == "tiny"
