@@ -63,6 +63,7 @@ lint: setup
 
 # The wheel a user installs (what tests/e2e/test_wheel.py installs into a fresh virtualenv).
 wheel: setup
+	rm -rf build   # a stale build/ would put files that no longer exist into the wheel
 	$(BIN)/pip wheel --quiet --no-deps --no-build-isolation -w dist .
 
 clean: stop

@@ -49,8 +49,10 @@ def _run(command: str, venv: Path, cwd: Path, extra_env: dict[str, str] | None =
 def venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A fresh virtualenv with the built wheel installed (torch pinned first, as the README says)."""
     base = tmp_path_factory.mktemp("wheel")
-    dist = base / "dist"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w", str(dist), str(ROOT)],
+    source, dist = base / "source", base / "dist"
+    # From a copy of the sources: an in-place build/ folder could carry files that no longer exist.
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".git", ".venv*", "build", "dist", "*.egg-info", "artifacts", "model_store", "run", "__pycache__"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w", str(dist), str(source)],
                    check=True, capture_output=True, timeout=300)
     [wheel] = dist.glob("serveready-*.whl")
     venv = base / "venv"
