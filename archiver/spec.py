@@ -289,11 +289,17 @@ def _inherit(base: dict[str, Any], variant: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_specs(config_dir: Path, names: list[str] | None = None) -> list[ModelSpec]:
-    """Every ``*.yaml`` in ``config_dir`` (or just ``names`` and what they derive from), sorted by name."""
+    """Every ``*.yaml`` in ``config_dir``, or just ``names`` (by file name, else by ``name:``), sorted.
+
+    Named configs are read alone (with the bases they derive from), so a broken config
+    elsewhere in the folder does not stop them.
+    """
     config_dir = Path(config_dir)
     paths = sorted(config_dir.glob("*.yaml"))
     if not paths:
         raise ArchiverError(f"no model configs (*.yaml) in {config_dir.resolve()}: write one with `ts-archive init NAME ...`")
+    if names and all(config_dir / f"{n}.yaml" in paths for n in names):
+        return [load_spec(config_dir / f"{n}.yaml") for n in sorted(set(names))]
     specs = [load_spec(p) for p in paths]
     if names:
         known = {s.name for s in specs} | {s.source.stem for s in specs}

@@ -231,3 +231,10 @@ def test_init_writes_a_commented_config_that_builds(net_spec: ModelSpec, tmp_pat
     wrong = ["init", "bad", "--model-file", "models/net.py", "--class", "Nett", "--input", "tabular"]
     assert ts_archive(wrong) == 1 and "defines no torch.nn.Module named 'Nett'" in capsys.readouterr().err
     assert not (folder / "model_configs" / "bad.yaml").exists()
+
+
+def test_a_named_model_builds_beside_a_broken_config(net_spec: ModelSpec, tmp_path: Path) -> None:
+    folder = project(tmp_path, net_spec, {"mine": mine({"entry": "tabular"}), "broken": {**mine({"entry": "tabular", "max_row": 3}), "name": "broken"}})
+    assert [s.name for s in load_specs(folder / "model_configs", ["mine"])] == ["mine"]
+    with pytest.raises(ArchiverError, match="broken.yaml: handler.max_row is not a known key; did you mean 'max_rows'?"):
+        load_specs(folder / "model_configs")
