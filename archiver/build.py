@@ -177,8 +177,9 @@ def build_measured(spec: ModelSpec, store: Path, references: MutableMapping[str,
             references[spec.name] = model
             reference = None
         else:
-            reference = references.get(spec.origin.name) or verify(spec.origin)
-            references[spec.origin.name] = reference
+            if spec.origin.name not in references:  # not `or`: a model may define __len__ and be falsy
+                references[spec.origin.name] = verify(spec.origin)
+            reference = references[spec.origin.name]
         row, reference_quality = evaluate.measure(spec, model, archive, spec.weights, reference)
         evaluate.check_fidelity(spec, row, reference_quality)
         target = store / spec.archive_name
