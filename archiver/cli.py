@@ -3,6 +3,7 @@
     ts-archive init NAME --model-file models/x.py --class X --input tabular   # a starter model_configs/NAME.yaml
     ts-archive train [NAME...] [--if-stale]                                    # recipes' weights, variants' files
     ts-archive build [NAME...] [--store model_store] [--if-stale]              # verified, measured archives
+    ts-archive tune NAME [--concurrency 1,8,32,64] [--p99-ms 50]               # measured serve: settings
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from .errors import ArchiverError
 from .scaffold import INPUTS, init_config, parse_kwargs
 from .spec import ModelSpec, load_specs
 from .training import is_stale, train
+from .tuning import tune_command
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -43,7 +45,39 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--store", type=Path, default=Path("model_store"), help="output folder (default: %(default)s)")
     b.add_argument("--if-stale", action="store_true", help="skip archives newer than their config, weights and code")
     b.add_argument("--report-md", type=Path, help="Markdown report (default: <store>/report.md; report.json always goes to the store)")
+    u = sub.add_parser("tune", help="measure workers x batch x delay x threads on a real TorchServe and write the best into serve:")
+    u.add_argument("name", help="model name (its archive must be built)")
+    u.add_argument("--store", type=Path, default=Path("model_store"), help="where NAME.mar is (default: %(default)s)")
+    u.add_argument("--concurrency", type=_ints, default=(1, 8, 32, 64), help="closed-loop clients per level (default: 1,8,32,64)")
+    u.add_argument("--p99-ms", type=float, default=50.0, help="p99 bound every level must meet (default: %(default)s)")
+    u.add_argument("--lone-slowdown", type=float, default=1.25,
+                   help="refuse settings whose p50 at the lowest concurrency exceeds this times the best one's there, "
+                        "or the best + 0.5 ms if more (a lone client must not wait for a batch); 0 turns it off (default: %(default)s)")
+    u.add_argument("--seconds", type=float, default=2.5, help="seconds per level and repeat for the finalists (default: %(default)s)")
+    u.add_argument("--screen-seconds", type=float, default=1.5, help="seconds per level to screen every candidate (default: %(default)s)")
+    u.add_argument("--keep", type=int, default=3, help="finalists measured at every level (default: %(default)s)")
+    u.add_argument("--repeats", type=int, default=3, help="interleaved repeats of the finalists; medians are kept (default: %(default)s)")
+    u.add_argument("--warmup", type=float, default=20.0, help="seconds of traffic before the first measurement (the Java frontend's JIT; default: %(default)s)")
+    u.add_argument("--workers", type=_ints, default=(1, 2), help="worker counts to try (default: 1,2)")
+    u.add_argument("--batch-sizes", type=_ints, default=(1, 4, 8, 16), help="batchSize values to try (default: 1,4,8,16)")
+    u.add_argument("--delays", type=_ints, default=(0, 1, 5), help="maxBatchDelay values (ms) to try (default: 0,1,5)")
+    u.add_argument("--threads", type=_ints, help="torch threads per worker to try (default: 1 and cores/workers)")
+    u.add_argument("--body", type=Path, help="the request body to send (default: one made for the built-in handler)")
+    u.add_argument("--content-type", default="application/json", help="with --body (default: %(default)s)")
+    u.add_argument("--out", type=Path, default=Path("docs/tuning"), help="NAME.md, NAME.png and NAME.json go here (default: %(default)s)")
+    u.add_argument("--dry-run", action="store_true", help="measure and report, leave the config alone")
+    u.add_argument("--from-json", type=Path, help="pick again from a previous run's NAME.json instead of measuring")
     return parser
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 0:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 0, got {text!r}")
+    return values
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
             )
             print(f"wrote {path}: check it, then `ts-archive build {args.name}`")
             return 0
+        if args.command == "tune":
+            return tune_command(args)
         specs = load_specs(args.configs, args.names or None)
         if args.command == "train":
             _train(specs, args.if_stale, bool(args.names))

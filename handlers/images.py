@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import io
 import statistics
 import struct
 
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageChops, UnidentifiedImageError
 
 from .errors import InvalidInput
 
@@ -157,10 +158,20 @@ def _pixels(image: Image.Image) -> list[float]:
     return list(flat() if flat else image.getdata())
 
 
-def _border(image: Image.Image) -> list[int]:
+def _border(image: Image.Image) -> bytes:
+    """The edge pixels of a grey ("L") image, as bytes (one per pixel): no per-pixel Python objects."""
     width, height = image.size
     strips = [(0, 0, width, 1), (0, height - 1, width, height), (0, 0, 1, height), (width - 1, 0, width, height)]
-    return [v for box in strips for v in _pixels(image.crop(box))]
+    return b"".join(image.crop(box).tobytes() for box in strips)
+
+
+@functools.lru_cache(maxsize=4096)
+def _stretch(paper: float, peak: int) -> tuple[int, ...]:
+    # One lookup table per (paper level, ink peak): built once, not per request.
+    return tuple(min(255, max(0, round((v - paper) * 255 / peak))) for v in range(256))
+
+
+_INK_MASK = tuple(255 if v > INK_THRESHOLD * 255 else 0 for v in range(256))
 
 
 def ink_map(grey: Image.Image) -> Image.Image:
@@ -169,18 +180,18 @@ def ink_map(grey: Image.Image) -> Image.Image:
     Dark ink on light paper is inverted; the paper level is subtracted and the
     ink stretched to its peak, so a grey photo and a crisp scan look alike.
     """
-    ink = ImageOps.invert(grey) if statistics.median(_border(grey)) > 127.5 else grey
+    ink = ImageChops.invert(grey) if statistics.median(_border(grey)) > 127.5 else grey  # C, no lookup table
     paper = statistics.median(_border(ink))
     peak = ink.getextrema()[1] - paper
     if peak < MIN_CONTRAST * 255:
         raise InvalidInput("image shows no digit: no ink stands out from the paper")
-    return ink.point([min(255, max(0, round((v - paper) * 255 / peak))) for v in range(256)])
+    return ink.point(_stretch(paper, peak))
 
 
 def to_digit_grid(image: Image.Image) -> torch.Tensor:
     """The (8, 8) ink fractions in [0, 1], made the way the training data was made."""
     ink = ink_map(grey_on_paper(image))
-    box = ink.point([255 if v > INK_THRESHOLD * 255 else 0 for v in range(256)]).getbbox()
+    box = ink.point(_INK_MASK).getbbox()
     crop = ink.crop(box).convert("F")
     width, height = crop.size
     scale = min(FRAME / height, FRAME / width)

@@ -1,139 +1,472 @@
-"""HTTP benchmark of served models through a real TorchServe (also ``ts-bench``; ``make bench``).
+"""Side-by-side HTTP benchmark (also ``ts-bench``; ``make bench``): this project against stock set-ups.
 
-Starts its own TorchServe (run/bench, free ports), registers the models, warms the
-Java frontend up (it gets 2-3x faster over its first ~30 s of traffic), then drives
-each model in turn with concurrent clients and writes docs/bench.md. Timings vary by
-up to 30% between runs here: compare rows of one run, never across runs.
+One run, on the same weights, with ``wrk`` as the closed-loop client:
+
+- ``project``: the archive from the model store, as shipped (its tuned ``serve:``), on a
+  TorchServe that ``ts-server start`` configures;
+- ``project-1ms``: the same archive and server, 2 workers, batch 16, 1 ms (what the tuner
+  picks when a lone client may wait for a batch);
+- ``stock-b1``: a TorchServe-example-style handler (``BaseHandler``), 2 workers, batch 1,
+  on a TorchServe with its default config (logging, metrics);
+- ``stock-tuned``: the same handler hand-tuned: 2 workers, batch 8, 5 ms, 1 torch thread;
+- ``litserve``: LitServe (``pip install 'serveready[bench]'``), 2 workers, 2 API servers.
+
+Every system gets a warm-up (the Java frontend gets 2-3x faster over its first ~30 s),
+then levels and systems are interleaved and repeated (the order rotates each repeat), so
+drift hits all systems alike. Each cell records req/s, p50/p90/p99, errors, the server's
+CPU per request (its whole process tree) and the client's own CPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
+import contextlib
+import dataclasses
 import datetime
+import io
 import json
+import platform
 import statistics
+import subprocess
 import sys
-import threading
+import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import requests
 
 from serveready.handlers.runtime import machine
 
-from .client import Inference, Management
-from .runinfo import RunDir, ScriptError
-from .server import isolated, start, stop
+from .client import Management
+from .loadgen import Load, LoadResult, run_wrk, wrk_path
+from .profile import profile_archive, profile_table
+from .runinfo import RunDir, ScriptError, TokenKind
+from .server import _pid, free_ports, isolated, start, stop
 
-DEFAULT_MODELS = "net,net_int8,net_onnx,net_exported,digits,digits_int8,digits_int8_static,digits_bf16,digits_pruned_structured,digits_distilled,digits_onnx,digits_exported"
-ROW = json.dumps({"inputs": [0.1, -0.2, 0.3, 0.0, 1.5, -1.0, 0.7, 0.2, -0.4, 0.9]}).encode()
+BASELINES = Path(__file__).with_name("baselines")
+SYSTEMS = ("project", "project-1ms", "stock-b1", "stock-tuned", "litserve")
+#: project-1ms: the same archive and server with the setting ts-archive tune picks when a lone
+#: client may wait (--lone-slowdown 0): full batches, each waiting up to 1 ms to fill.
+THROUGHPUT_SETTING = {"workers": 2, "batch_size": 16, "max_batch_delay": 1}
+ROW = {"inputs": [0.1, -0.2, 0.3, 0.0, 1.5, -1.0, 0.7, 0.2, -0.4, 0.9]}
 
 
 @dataclass(frozen=True)
-class Result:
-    model: str
-    requests: int
+class Workload:
+    """One model as every system serves it."""
+
+    model: str           # the archive name in the model store
+    kind: str            # "tabular" or "digits": which stock handler and LitServe decoder
+    model_file: Path
+    class_name: str
+    weights: Path
+    body: bytes          # what wrk sends to TorchServe
+    content_type: str
+    litserve_body: bytes  # LitServe decodes JSON only
+
+
+@dataclass
+class System:
+    """A running server and how to reach the model on it."""
+
+    name: str
+    url: str
+    token: str | None
+    pids: Sequence[int]   # process trees whose CPU counts as the server's
+    body: bytes
+    content_type: str
+
+    def cpu_seconds(self) -> float:
+        total = 0.0
+        for pid in self.pids:
+            try:
+                root = psutil.Process(pid)
+                for proc in [root, *root.children(recursive=True)]:
+                    with contextlib.suppress(psutil.Error):
+                        times = proc.cpu_times()
+                        total += times.user + times.system
+            except psutil.Error:
+                continue
+        return total
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One measurement of one system at one level in one repeat."""
+
+    system: str
+    repeat: int
+    result: LoadResult
+    server_cpu_us: float  # server CPU per request, microseconds
+
+
+def workloads(store: Path, image: Path) -> dict[str, Workload]:
+    png = image.read_bytes()
+    return {
+        "net": Workload("net", "tabular", Path("models/net.py"), "Net", Path("artifacts/net.pt"),
+                        json.dumps(ROW).encode(), "application/json", json.dumps(ROW).encode()),
+        "digits": Workload("digits", "digits", Path("models/digits.py"), "DigitsCNN", Path("artifacts/digits.pt"),
+                           png, "image/png", json.dumps({"image": base64.b64encode(png).decode()}).encode()),
+    }
+
+
+# -- the systems ----------------------------------------------------------------
+
+def stock_archive(work: Workload, name: str, store: Path, serve: dict, torch_threads: int | None) -> Path:
+    """A stock-style archive made with torch-model-archiver, as TorchServe's examples make one."""
+    with tempfile.TemporaryDirectory() as tmp:
+        config = dict(serve)
+        if torch_threads:
+            config["handler"] = {"torch_threads": torch_threads}
+        config_file = Path(tmp, "model-config.yaml")
+        config_file.write_text(json.dumps(config))  # JSON is YAML
+        handler = BASELINES / ("stock_tabular.py" if work.kind == "tabular" else "stock_digits.py")
+        archiver = Path(sys.executable).with_name("torch-model-archiver")
+        subprocess.run([str(archiver), "--model-name", name, "--version", "1.0", "--model-file", str(work.model_file),
+                        "--serialized-file", str(work.weights), "--handler", str(handler), "--config-file", str(config_file),
+                        "--export-path", str(store), "--force"], check=True, capture_output=True)
+    return store / f"{name}.mar"
+
+
+def start_litserve(work: Workload, log: Path, timeout: float = 120.0) -> tuple[subprocess.Popen, str]:
+    [port] = free_ports(1)
+    command = [sys.executable, "-m", "serveready.scripts.baselines.litserve_app", "--kind", work.kind, "--model-file", str(work.model_file),
+               "--class", work.class_name, "--weights", str(work.weights), "--port", str(port)]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise ScriptError(f"LitServe exited ({proc.returncode}); see {log}")
+        with contextlib.suppress(requests.RequestException):
+            if requests.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return proc, f"http://127.0.0.1:{port}/predict"
+        time.sleep(0.5)
+    stop_tree(proc.pid)
+    raise ScriptError(f"LitServe did not answer /health within {timeout:.0f}s; see {log}")
+
+
+def stop_tree(pid: int) -> None:
+    with contextlib.suppress(psutil.Error):
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+        for proc in procs:
+            with contextlib.suppress(psutil.Error):
+                proc.terminate()
+        _, alive = psutil.wait_procs(procs, timeout=10)
+        for proc in alive:
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+
+
+@contextlib.contextmanager
+def running_systems(work: Workload, names: Sequence[str], store: Path, scratch: Path, progress) -> Iterator[list[System]]:
+    """Start what ``names`` need (two TorchServes, LitServe), register the models; stop all afterwards."""
+    systems: list[System] = []
+    runs: list[Path] = []
+    litserve: subprocess.Popen | None = None
+    try:
+        if "project" in names:
+            progress(f"{work.model}: starting the project's TorchServe (ts-server configuration)")
+            run = start(isolated(scratch / "project", store))
+            runs.append(run.path)
+            Management.from_run(run).register(f"{work.model}.mar")  # workers and batching: the archive's own
+            systems.append(_ts_system("project", run, work.model, work))
+        if "project-1ms" in names:
+            if not runs:
+                run = start(isolated(scratch / "project", store))
+                runs.append(run.path)
+            Management.from_run(run).register(f"{work.model}.mar", name=f"{work.model}_1ms", **THROUGHPUT_SETTING)
+            systems.append(_ts_system("project-1ms", run, f"{work.model}_1ms", work))
+        stock = [n for n in names if n.startswith("stock-")]
+        if stock:
+            progress(f"{work.model}: starting a stock TorchServe (default logging and metrics) for {', '.join(stock)}")
+            stock_store = scratch / "stock_store"
+            stock_store.mkdir(exist_ok=True)
+            if "stock-b1" in stock:
+                stock_archive(work, f"{work.model}_stock_b1", stock_store, {"minWorkers": 2, "maxWorkers": 2, "batchSize": 1}, None)
+            if "stock-tuned" in stock:
+                stock_archive(work, f"{work.model}_stock_tuned", stock_store,
+                              {"minWorkers": 2, "maxWorkers": 2, "batchSize": 8, "maxBatchDelay": 5}, 1)
+            config = dataclasses.replace(isolated(scratch / "stock", stock_store), metrics_mode="log", log_config=None)
+            run = start(config)
+            runs.append(run.path)
+            management = Management.from_run(run)
+            for name in stock:
+                model = f"{work.model}_{name.replace('-', '_')}"
+                management.register(f"{model}.mar")
+                systems.append(_ts_system(name, run, model, work))
+        if "litserve" in names:
+            progress(f"{work.model}: starting LitServe")
+            litserve, url = start_litserve(work, scratch / f"litserve_{work.model}.log")
+            systems.append(System("litserve", url, None, [litserve.pid], work.litserve_body, "application/json"))
+        yield systems
+    finally:
+        for path in runs:
+            stop(path)
+        if litserve is not None:
+            stop_tree(litserve.pid)
+
+
+def _ts_system(name: str, run: RunDir, model: str, work: Workload) -> System:
+    pid = _pid(run)
+    return System(name, f"{run.inference_url}/predictions/{model}", run.token(TokenKind.INFERENCE), [pid] if pid else [], work.body, work.content_type)
+
+
+# -- measuring --------------------------------------------------------------------
+
+def measure(system: System, level: int, seconds: float, scratch: Path, repeat: int) -> Cell:
+    body = scratch / f"{system.name}.body"
+    if not body.exists():
+        body.write_bytes(system.body)
+    before = system.cpu_seconds()
+    result = run_wrk(Load(system.url, body, system.content_type, system.token), level, seconds)
+    used = system.cpu_seconds() - before
+    return Cell(system.name, repeat, result, used / max(result.requests, 1) * 1e6)
+
+
+def bench(work: Workload, names: Sequence[str], levels: Sequence[int], seconds: float, repeats: int, warmup: float,
+          store: Path, progress) -> dict[tuple[str, int], list[Cell]]:
+    """Warm every system up, then interleave levels and systems, ``repeats`` times, rotating the order."""
+    cells: dict[tuple[str, int], list[Cell]] = {}
+    with tempfile.TemporaryDirectory(prefix="ts-bench-") as tmp, running_systems(work, names, store, Path(tmp), progress) as systems:
+        for system in systems:
+            progress(f"{work.model}: warming {system.name} up for {warmup:.0f}s")
+            measure(system, max(levels), warmup, Path(tmp), -1)
+        total = repeats * len(levels) * len(systems)
+        done = 0
+        for repeat in range(repeats):
+            order = systems[repeat % len(systems):] + systems[:repeat % len(systems)]
+            for level in levels:
+                for system in order:
+                    cell = measure(system, level, seconds, Path(tmp), repeat)
+                    cells.setdefault((system.name, level), []).append(cell)
+                    done += 1
+                    r = cell.result
+                    progress(f"[{done}/{total}] {work.model} {system.name:12s} c={level:<3d} {r.rps:8,.0f} req/s  p50 {r.p50_ms:6.2f}  "
+                             f"p99 {r.p99_ms:7.2f} ms  errors {r.errors}  server {cell.server_cpu_us:5.0f} us/req  wrk {r.client_cpu_s / r.seconds:.2f} core")
+    return cells
+
+
+# -- summarising --------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Summary:
+    """A system at a level, over the repeats: means, and the range of req/s."""
+
+    rps: float
+    rps_low: float
+    rps_high: float
+    p50: float
+    p90: float
+    p99: float
     errors: int
-    seconds: float
-    latencies_ms: list[float]
-
-    def row(self) -> str:
-        lat = sorted(self.latencies_ms) or [float("nan")]
-        pct = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))]  # noqa: E731
-        return f"| {self.model} | {self.requests / self.seconds:.0f} | {statistics.median(lat):.1f} | {pct(0.9):.1f} | {pct(0.99):.1f} | {self.errors} |"
+    server_cpu_us: float
+    client_core: float
 
 
-def _payload(model: str, image: Path) -> tuple[bytes, str]:
-    return (image.read_bytes(), "image/png") if model.startswith("digits") else (ROW, "application/json")
+def summarise(cells: Sequence[Cell]) -> Summary:
+    rs = [c.result for c in cells]
+    return Summary(
+        rps=statistics.mean(r.rps for r in rs), rps_low=min(r.rps for r in rs), rps_high=max(r.rps for r in rs),
+        p50=statistics.mean(r.p50_ms for r in rs), p90=statistics.mean(r.p90_ms for r in rs), p99=statistics.mean(r.p99_ms for r in rs),
+        errors=sum(r.errors for r in rs), server_cpu_us=statistics.mean(c.server_cpu_us for c in cells),
+        client_core=max(r.client_cpu_s / r.seconds for r in rs),
+    )
 
 
-def drive(run: RunDir, model: str, payload: tuple[bytes, str], seconds: float, clients: int) -> Result:
-    """``clients`` threads posting ``payload`` to ``model`` for ``seconds``."""
-    inference = Inference.from_run(run)
-    url = f"{inference.url}/predictions/{model}"
-    headers = inference.headers(payload[1])  # no Authorization header when token authorization is off
-    latencies: list[float] = []
-    errors = [0]
-    lock = threading.Lock()
-    deadline = time.monotonic() + seconds
+def verdicts(table: dict[tuple[str, int], Summary], levels: Sequence[int], system: str = "project") -> list[str]:
+    """The issue's targets for ``system``, each with its ratio and whether this run met it."""
+    out = []
 
-    def client() -> None:
-        session = requests.Session()
-        while time.monotonic() < deadline:
-            begin = time.perf_counter()
-            reply = session.post(url, data=payload[0], headers=headers, timeout=30)
-            took = (time.perf_counter() - begin) * 1000
-            with lock:
-                latencies.append(took)
-                errors[0] += reply.status_code != 200
+    def line(ok: bool, text: str) -> None:
+        out.append(f"- {'met' if ok else '**missed**'}: {text}")
 
-    started = time.monotonic()
-    with ThreadPoolExecutor(clients) as pool:
-        for future in [pool.submit(client) for _ in range(clients)]:
-            future.result()
-    return Result(model, len(latencies), errors[0], time.monotonic() - started, latencies)
+    for level in levels:
+        p = table.get((system, level))
+        b1, tuned, lit = (table.get((n, level)) for n in ("stock-b1", "stock-tuned", "litserve"))
+        if p is None:
+            continue
+        stock = [s for s in (b1, tuned) if s is not None]
+        if level == 1 and b1 is not None:
+            line(p.rps >= 0.9 * b1.rps, f"c=1 throughput {p.rps / b1.rps:.2f}x stock-b1 (target >= 0.9x)")
+            line(p.p50 <= 1.2 * b1.p50, f"c=1 p50 {p.p50 / b1.p50:.2f}x stock-b1's (target <= 1.2x)")
+        elif stock:
+            best = max(stock, key=lambda s: s.rps)
+            line(p.rps >= 1.1 * best.rps, f"c={level} throughput {p.rps / best.rps:.2f}x the best stock configuration (target >= 1.1x)")
+            if lit is not None:
+                line(p.rps >= 3 * lit.rps, f"c={level} throughput {p.rps / lit.rps:.2f}x LitServe (target >= 3x)")
+        if stock:
+            best_p99 = min(s.p99 for s in stock)
+            line(p.p99 <= best_p99, f"c={level} p99 {p.p99:.2f} ms vs the best stock p99 {best_p99:.2f} ms (target <=)")
+        line(p.errors == 0, f"c={level} errors: {p.errors}")
+    return out
+
+
+def markdown(model: str, table: dict[tuple[str, int], Summary], names: Sequence[str], levels: Sequence[int]) -> str:
+    rows = [f"### `{model}`", "",
+            "| system | clients | req/s (range) | p50 ms | p90 ms | p99 ms | errors | server CPU µs/req | wrk cores |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for level in levels:
+        for name in names:
+            s = table.get((name, level))
+            if s:
+                rows.append(f"| {name} | {level} | {s.rps:,.0f} ({s.rps_low:,.0f}-{s.rps_high:,.0f}) | {s.p50:.2f} | {s.p90:.2f} | {s.p99:.2f} | "
+                            f"{s.errors} | {s.server_cpu_us:,.0f} | {s.client_core:.2f} |")
+    targets = []
+    for system in ("project", "project-1ms"):
+        found = verdicts(table, levels, system)
+        if found:
+            targets += ["", f"Targets, `{system}` ({model}):", *found]
+    return "\n".join([*rows, *targets, ""])
+
+
+def plot(results: dict[str, dict[tuple[str, int], Summary]], names: Sequence[str], levels: Sequence[int], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(results), 2, figsize=(11, 4 * len(results)), squeeze=False)
+    for row, (model, table) in enumerate(results.items()):
+        for name in names:
+            pts = [(level, table[(name, level)]) for level in levels if (name, level) in table]
+            if not pts:
+                continue
+            style = {"linewidth": 3 if name == "project" else 1.4, "marker": "o", "label": name}
+            axes[row][0].plot([x for x, _ in pts], [s.rps for _, s in pts], **style)
+            axes[row][1].plot([x for x, _ in pts], [s.p99 for _, s in pts], **style)
+        for ax, label in ((axes[row][0], "requests/s"), (axes[row][1], "p99 ms")):
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(list(levels), [str(c) for c in levels])
+            ax.set_xlabel("concurrent clients")
+            ax.set_ylabel(label)
+            ax.set_title(f"{model}: {label}")
+            ax.grid(alpha=0.3)
+        axes[row][1].set_yscale("log")
+        axes[row][0].legend(fontsize=8)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90)
+    plt.close(fig)
+    path.write_bytes(buffer.getvalue())
+
+
+def versions() -> str:
+    found = []
+    for package in ("torch", "torchserve", "litserve"):
+        try:
+            from importlib.metadata import version
+
+            found.append(f"{package} {version(package)}")
+        except Exception:  # noqa: BLE001 - a missing package is reported as such
+            found.append(f"{package} (not installed)")
+    java = subprocess.run(["java", "-version"], capture_output=True, text=True, check=False).stderr.splitlines()
+    wrk = subprocess.run([wrk_path(), "--version"], capture_output=True, text=True, check=False).stdout.split(" [")[0].strip()
+    return ", ".join([*found, java[0] if java else "java ?", wrk, f"Python {platform.python_version()}"])
+
+
+START, END = "<!-- ts-bench:start -->", "<!-- ts-bench:end -->"
+
+
+def write_doc(path: Path, generated: str) -> None:
+    """Replace the generated block of ``path`` (between the markers), keeping the hand-written text around it."""
+    block = f"{START}\n{generated}\n{END}"
+    if path.is_file() and START in path.read_text() and END in path.read_text():
+        text = path.read_text()
+        text = text[: text.index(START)] + block + text[text.index(END) + len(END):]
+    else:
+        text = f"# Benchmarks\n\n{block}\n"
+    path.write_text(text)
+
+
+def header(args: argparse.Namespace) -> str:
+    return "\n".join([
+        f"`make bench` on {machine()}, {datetime.date.today().isoformat()}; {versions()}.",
+        f"`wrk` closed loop, keep-alive; {args.warmup:g} s warm-up per system, then {args.repeats} interleaved repeats of "
+        f"{args.seconds:g} s per cell (req/s: mean and range over the repeats; latencies: means).",
+    ])
+
+
+def _tables(rows: list[dict]) -> dict[tuple[str, int], Summary]:
+    """Recorded cells back into summaries per (system, level)."""
+    grouped: dict[tuple[str, int], list[Cell]] = {}
+    for row in rows:
+        cell = Cell(row["system"], row["repeat"], LoadResult.from_dict(row), row["server_cpu_us"])
+        grouped.setdefault((cell.system, cell.result.concurrency), []).append(cell)
+    return {key: summarise(cells) for key, cells in grouped.items()}
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ts-bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default=DEFAULT_MODELS, help="comma-separated archive names in the model store")
+    parser.add_argument("--models", default="net,digits", help="comma-separated: net, digits (default: %(default)s)")
+    parser.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated, of: " + ", ".join(SYSTEMS))
+    parser.add_argument("--levels", default="1,8,32,64", help="concurrent clients (default: %(default)s)")
+    parser.add_argument("--seconds", type=float, default=4.0, help="seconds per cell (default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=2, help="interleaved repeats (default: %(default)s)")
+    parser.add_argument("--warmup", type=float, default=15.0, help="warm-up seconds per system (default: %(default)s)")
     parser.add_argument("--model-store", type=Path, default=Path("model_store"))
-    parser.add_argument("--seconds", type=float, default=10.0, help="measured seconds per model (default: %(default)s)")
-    parser.add_argument("--warmup", type=float, default=30.0, help="seconds of warm-up traffic over all models (default: %(default)s)")
-    parser.add_argument("--clients", type=int, default=4, help="concurrent clients (default: %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=1, help="TorchServe batch size per model (default: %(default)s; the archives' own batching waits up to maxBatchDelay)")
-    parser.add_argument("--max-batch-delay", type=int, default=5, help="ms to wait to fill a batch (default: %(default)s)")
-    parser.add_argument("--image", type=Path, default=Path("docs/images/digit.png"))
-    parser.add_argument("--out", type=Path, default=Path("docs/bench.md"))
+    parser.add_argument("--image", type=Path, default=Path("docs/images/digit.png"), help="the PNG body for digits")
+    parser.add_argument("--out", type=Path, default=Path("docs/benchmarks.md"), help="the page (its .png and .json go beside it)")
+    parser.add_argument("--from-json", type=Path, help="render the page again from a previous run's .json, without measuring")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    models = [m for m in args.models.split(",") if m]
-    config = isolated(Path("run/bench"), args.model_store)
+    names = [n for n in args.systems.split(",") if n]
+    levels = [int(c) for c in args.levels.split(",") if c]
+    unknown = sorted(set(names) - set(SYSTEMS))
     try:
-        run = start(config)
-    except ScriptError as err:
-        print(f"ts-bench: error: {err.message}", file=sys.stderr)
+        if args.from_json:
+            recorded = json.loads(args.from_json.read_text())
+        else:
+            wrk_path()
+            if unknown:
+                raise ScriptError(f"unknown system(s) {', '.join(unknown)}; known: {', '.join(SYSTEMS)}")
+            works = workloads(args.model_store, args.image)
+            chosen = [m for m in args.models.split(",") if m]
+            for model in chosen:
+                if model not in works:
+                    raise ScriptError(f"unknown model {model!r}: ts-bench knows {', '.join(works)}")
+                if not (args.model_store / f"{model}.mar").is_file():
+                    raise ScriptError(f"{args.model_store / model}.mar does not exist: make mar")
+            recorded = {"header": header(args), "names": names, "levels": levels, "profiles": {}, "cells": {}}
+            for model in chosen:
+                work = works[model]
+                print(f"{model}: profiling one batch in-process (TorchServe's Service.predict and the handler's stages)", file=sys.stderr)
+                recorded["profiles"][model] = profile_table(model, profile_archive(args.model_store / f"{model}.mar", work.body, work.content_type))
+                cells = bench(work, names, levels, args.seconds, args.repeats, args.warmup, args.model_store,
+                              lambda line: print(line, file=sys.stderr, flush=True))
+                recorded["cells"][model] = [{"system": c.system, "repeat": c.repeat, "server_cpu_us": round(c.server_cpu_us, 1), **c.result.to_dict()}
+                                            for value in cells.values() for c in value]
+            args.out.with_suffix(".json").write_text(json.dumps(recorded, indent=1) + "\n")
+    except (ScriptError, subprocess.CalledProcessError) as err:
+        print(f"ts-bench: error: {getattr(err, 'message', err)}", file=sys.stderr)
         return 1
-    try:
-        management = Management.from_run(run)
-        for i, model in enumerate(models, 1):
-            print(f"[{i}/{len(models)}] registering {model}", file=sys.stderr)
-            try:
-                management.register(f"{model}.mar", batch_size=args.batch_size, max_batch_delay=args.max_batch_delay)
-            except ScriptError as err:
-                print(f"ts-bench: error: {err.message}", file=sys.stderr)
-                return 1
-        print(f"warming up the frontend for {args.warmup:.0f}s ...", file=sys.stderr)
-        share = args.warmup / len(models)
-        for model in models:
-            drive(run, model, _payload(model, args.image), share, args.clients)
-        results = []
-        for i, model in enumerate(models, 1):
-            result = drive(run, model, _payload(model, args.image), args.seconds, args.clients)
-            print(f"[{i}/{len(models)}] {result.row()}", file=sys.stderr)
-            results.append(result)
-    finally:
-        stop(run.path)
-    lines = [
-        "# HTTP benchmark",
+    names, levels = recorded["names"], recorded["levels"]
+    results = {model: _tables(rows) for model, rows in recorded["cells"].items()}
+    png = args.out.with_suffix(".png")
+    plot(results, names, levels, png)
+    generated = "\n".join([
+        recorded["header"],
         "",
-        f"`make bench` on {machine()}, {datetime.date.today().isoformat()}: one TorchServe, one worker per model",
-        f"(batch size {args.batch_size}, max batch delay {args.max_batch_delay} ms)",
-        f"(one torch thread each), {args.clients} concurrent clients with keep-alive, {args.seconds:.0f} s per model after",
-        f"{args.warmup:.0f} s of warm-up over all models. `net_*`: one JSON row; `digits_*`: a 96x96 PNG.",
-        "Repeats here differ by up to 30%: compare rows of one run.",
+        *[markdown(model, table, names, levels) for model, table in results.items()],
+        f"![req/s and p99 against concurrent clients, per system]({png.name})",
         "",
-        "| model | requests/s | p50 ms | p90 ms | p99 ms | errors |",
-        "|---|---:|---:|---:|---:|---:|",
-        *[r.row() for r in results],
-    ]
-    args.out.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+        "### Inside the worker: one batch, stage by stage",
+        "",
+        "In-process, the archive loaded as a worker loads it, batches fed through TorchServe's `Service.predict` "
+        "(µs per batch; *TorchServe's own*: its Python around the handler).",
+        "",
+        *[recorded["profiles"][model] + "\n" for model in results],
+    ])
+    write_doc(args.out, generated)
+    print(generated)
     return 0
 
 

@@ -98,9 +98,23 @@ class Management:
         found = self.call("GET", f"/models/{name}")
         return found if isinstance(found, list) else [found]
 
-    def unregister(self, name: str, version: str | None = None) -> str:
+    def unregister(self, name: str, version: str | None = None, attempts: int = 5) -> str:
+        """Unregister; retried when TorchServe 0.12 trips over its own state (HTTP 500: a
+        ConcurrentModificationException or a NullPointerException on a job, seen when a model is
+        removed right after heavy traffic)."""
         path = f"/models/{name}" + (f"/{version}" if version else "")
-        return str(self.call("DELETE", path).get("status", f"unregistered {name}"))
+        for attempt in range(attempts):
+            try:
+                return str(self.call("DELETE", path).get("status", f"unregistered {name}"))
+            except NotFound:
+                if attempt == 0:
+                    raise
+                return f"unregistered {name}"  # an earlier attempt did it after all
+            except ScriptError as err:
+                if "failed with HTTP 500" not in err.message or attempt == attempts - 1:
+                    raise
+                time.sleep(0.5 * (attempt + 1))
+        raise AssertionError("unreachable")
 
     def set_default(self, name: str, version: str) -> str:
         return str(self.call("PUT", f"/models/{name}/{version}/set-default").get("status", ""))
@@ -126,7 +140,7 @@ class Management:
         self,
         archive: str | Path,
         name: str | None = None,
-        workers: int = 1,
+        workers: int | None = None,
         batch_size: int | None = None,
         max_batch_delay: int | None = None,
         response_timeout: int | None = None,
@@ -134,6 +148,9 @@ class Management:
         timeout: float = 120.0,
     ) -> Registration:
         """Register an archive from the server's model store and wait until ``workers`` workers are READY.
+
+        ``workers``, ``batch_size``, ``max_batch_delay`` and ``response_timeout`` default to the
+        archive's model-config.yaml (its ``serve:`` section, as tuned).
 
         A device other than the archive's own gets a copy of the archive that says it
         (TorchServe's register call has no device parameter). Workers that cannot start
@@ -150,6 +167,13 @@ class Management:
         if device is not None and archive_device(path) != device.value:
             path = retarget_archive(path, device)
         name = name or path.name.split(".")[0]
+        config = archive_config(path)
+        if workers is None:  # the archive's own (tuned) worker count
+            workers = int(config.get("minWorkers") or 1)
+        # Batching TorchServe cannot read from an archive (maxBatchDelay 0) is passed explicitly.
+        wanted = config.get("register") or {}
+        batch_size = wanted.get("batchSize") if batch_size is None else batch_size
+        max_batch_delay = wanted.get("maxBatchDelay") if max_batch_delay is None else max_batch_delay
         try:
             self.call("GET", f"/models/{name}")
         except NotFound:
@@ -203,14 +227,19 @@ class Inference:
             raise ScriptError(f"TorchServe at {self.url} did not answer {endpoint}/{model} within {self.timeout:g}s (the model's responseTimeout, or a busy server)") from None
 
 
-def archive_device(archive: Path) -> str | None:
-    """The deviceType in an archive's model-config.yaml, if it sets one."""
+def archive_config(archive: Path) -> dict[str, Any]:
+    """An archive's model-config.yaml ({} when it has none)."""
     try:
         with zipfile.ZipFile(archive) as mar:
             config = yaml.safe_load(mar.read(CONFIG_ENTRY)) if CONFIG_ENTRY in mar.namelist() else {}
     except (zipfile.BadZipFile, yaml.YAMLError) as err:
         raise ScriptError(f"{archive} is not a readable model archive: {err}") from None
-    return (config or {}).get("deviceType")
+    return config if isinstance(config, dict) else {}
+
+
+def archive_device(archive: Path) -> str | None:
+    """The deviceType in an archive's model-config.yaml, if it sets one."""
+    return archive_config(archive).get("deviceType")
 
 
 def retarget_archive(archive: Path, device: DeviceType) -> Path:

@@ -33,7 +33,7 @@ def _parser() -> argparse.ArgumentParser:
     r = sub.add_parser("register", help="register an archive from the model store and wait for its workers")
     r.add_argument("archive", help="a .mar in the model store (name or path)")
     r.add_argument("--name", help="model name (default: the archive's name)")
-    r.add_argument("--workers", type=int, default=1, help="initial workers (default: %(default)s)")
+    r.add_argument("--workers", type=int, help="workers (default: the archive's minWorkers, else 1)")
     r.add_argument("--batch-size", type=int, help="TorchServe batch size (default: the archive's)")
     r.add_argument("--max-batch-delay", type=int, help="ms to wait to fill a batch (default: the archive's)")
     r.add_argument("--response-timeout", type=int, help="seconds a worker may take per batch")

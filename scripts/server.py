@@ -28,6 +28,7 @@ from .client import Management
 from .runinfo import RunDir, ScriptError, TokenKind
 
 DEFAULT_RUN_DIR = Path("run/default")
+LEAN_LOG_CONFIG = Path(__file__).with_name("log4j2.xml")
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,10 @@ class ServerConfig:
     grpc_management_port: int = 7071
     gpus: int = 0
     token_expiration_min: int = 60
+    # Prometheus counters and latencies at GET metrics_address/metrics, not log lines per request.
+    metrics_mode: str = "prometheus"
+    # The log4j2 configuration: ours (lean, see log4j2.xml), "" for TorchServe's default, or a file.
+    log_config: Path | None = LEAN_LOG_CONFIG
 
     def properties(self) -> str:
         store = self.model_store.resolve()
@@ -66,6 +71,7 @@ class ServerConfig:
             "number_of_gpu": str(self.gpus),
             "default_workers_per_model": "1",
             "install_py_dep_per_model": "false",
+            "metrics_mode": self.metrics_mode,
         }
         return "".join(f"{k}={v}\n" for k, v in lines.items())
 
@@ -151,6 +157,8 @@ def start(config: ServerConfig, timeout: float = 120.0, torchserve: str | None =
     run.config_file.write_text(config.properties())
     launcher = str(Path(torchserve).resolve()) if torchserve and os.sep in torchserve else torchserve
     command = [launcher or _torchserve(), "--start", "--ncs", "--ts-config", str(run.config_file), "--model-store", str(config.model_store.resolve())]
+    if config.log_config:
+        command += ["--log-config", str(Path(config.log_config).resolve())]
     with open(run.console_log, "wb") as out:
         # The Java server outlives this call: give it a file, never our pipes.
         subprocess.run(command, cwd=run.path, env=_env(run), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, check=False, start_new_session=True)
@@ -249,6 +257,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--gpus", type=int, default=None, help="GPUs TorchServe may use (default: all torch sees)")
     s.add_argument("--token-expiration-min", type=int, default=60, help="lifetime of the API keys (default: %(default)s)")
     s.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for /ping (default: %(default)s)")
+    s.add_argument("--log-config", type=lambda v: Path(v) if v else None, default=LEAN_LOG_CONFIG,
+                   help="log4j2 configuration (default: this library's lean one, see docs/tuning.md; \"\" for TorchServe's own)")
+    s.add_argument("--metrics-mode", choices=["prometheus", "log"], default="prometheus", help="(default: %(default)s)")
     s.add_argument("--torchserve", help="another installation's torchserve launcher (its workers run on that Python), e.g. a serving-only virtualenv's")
     sub.add_parser("stop", help="stop the TorchServe of --run-dir")
     sub.add_parser("info", help="print addresses, keys and curl lines")
@@ -274,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
             grpc_management_port=args.grpc_management_port,
             gpus=detect_gpus() if args.gpus is None else args.gpus,
             token_expiration_min=args.token_expiration_min,
+            metrics_mode=args.metrics_mode,
+            log_config=args.log_config,
         )
         if not config.model_store.is_dir():
             raise ScriptError(f"model store {config.model_store} does not exist: run `make mar` first")

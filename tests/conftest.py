@@ -12,6 +12,7 @@ import sysconfig
 import textwrap
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -76,7 +77,7 @@ def answer_without_library(model_dir: Path, bodies: list[bytes]) -> list:
         import serveready.handlers
         assert serveready.handlers.__file__.startswith({str(model_dir)!r}), serveready.handlers.__file__
         out = service._entry_point([{{"body": b}} for b in {bodies!r}], service.context)
-        print(json.dumps(out))
+        print(json.dumps([json.loads(a) for a in out]))
         """
     )
     env = {"PYTHONPATH": sysconfig.get_paths()["purelib"], "PATH": os.environ["PATH"], "HOME": str(model_dir)}
@@ -90,6 +91,14 @@ def reference_net(weights: Path, rows: np.ndarray) -> np.ndarray:
     state = {k: v.double().numpy() for k, v in torch.load(weights, weights_only=True).items()}
     hidden = rows.astype(np.float64) @ state["fc1.weight"].T + state["fc1.bias"]
     return hidden @ state["fc2.weight"].T + state["fc2.bias"]
+
+
+def handled(handler: Any, batch: list[dict], context: Context) -> list:
+    """One batch through TorchServe's entry point ``handle``, each JSON answer decoded (non-JSON answers as sent)."""
+    answers = handler.handle(batch, context)
+    assert len(answers) == len(batch)
+    return [json.loads(a) if isinstance(a, bytes) and context.get_response_headers(i).get("content-type") == "application/json" else a
+            for i, a in enumerate(answers)]
 
 
 def make_context(model_dir: Path, batch: int, gpu: int | None = None) -> Context:

@@ -211,3 +211,60 @@ def test_an_archive_that_cannot_load_is_reported_and_not_left_registered(registe
     assert '"broken"' not in ts_manage(registered, "list").stdout
     again = ts_manage(registered, "register", "net.mar")
     assert again.returncode == 1 and "model 'net' is already registered" in again.stderr
+
+
+def test_register_without_settings_takes_the_archives_own(registered: RunDir, net_spec) -> None:  # noqa: ANN001
+    done = ts_manage(registered, "register", "net.mar", "--name", "net_as_built")
+    assert done.returncode == 0, done.stderr
+    management = Management.from_run(registered)
+    try:
+        described = _describe(registered, "net_as_built")
+        serve = net_spec.serve
+        assert (described["minWorkers"], described["batchSize"], described["maxBatchDelay"]) == (serve.minWorkers, serve.batchSize, serve.maxBatchDelay)
+        assert len(described["workers"]) == serve.minWorkers
+    finally:
+        management.unregister("net_as_built")
+    # A plain TorchServe registration (no parameters) reads the archive alone: it must never get
+    # TorchServe's 100 ms default delay, which is what maxBatchDelay 0 in an archive turns into.
+    management.call("POST", "/models", url="net.mar", model_name="net_plain", initial_workers=1, synchronous="true")
+    try:
+        plain = _describe(registered, "net_plain")
+        assert plain["batchSize"] == 1 or plain["maxBatchDelay"] <= 5, plain
+    finally:
+        management.unregister("net_plain")
+
+
+def test_metrics_are_prometheus_and_logs_are_lean(registered: RunDir, api: Api) -> None:
+    for _ in range(3):
+        assert api.predict("net", '{"inputs": [0,0,0,0,0,0,0,0,0,0]}').status_code == 200
+    metrics = requests.get(registered.properties()["metrics_address"] + "/metrics", timeout=10)
+    assert metrics.status_code == 200
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families = {f.name: f for f in text_string_to_metric_families(metrics.text)}
+    family = families.get("ts_inference_requests") or families["ts_inference_requests_total"]
+    requests_total = {s.labels.get("model_name"): s.value for s in family.samples}
+    assert requests_total.get("net", 0) >= 3
+    logs = registered.log_dir
+    assert "POST /predictions/net" in (logs / "access_log.log").read_text()  # kept (asynchronous)
+    model_log = (logs / "model_log.log").read_text()
+    assert "Backend received inference at" not in model_log  # TorchServe's per-batch line, dropped by the handler
+    assert "serveready" in model_log  # the handler's own load line is still there
+    assert not (logs / "ts_metrics.log").exists() or "ts_inference_latency" not in (logs / "ts_metrics.log").read_text()
+
+
+def test_delay_zero_pairs_only_what_is_queued(registered: RunDir, api: Api, weights: Path) -> None:
+    """batchSize 8 with maxBatchDelay 0: every answer right, whatever batch it rode in (TorchServe takes at most 2)."""
+    done = ts_manage(registered, "register", "net.mar", "--name", "net_d0", "--workers", "1", "--batch-size", "8", "--max-batch-delay", "0")
+    assert done.returncode == 0, done.stderr
+    try:
+        rng = np.random.default_rng(5)
+        rows = [rng.normal(size=(1, 10)).astype(np.float32) for _ in range(48)]
+        with ThreadPoolExecutor(max_workers=12) as pool:
+            replies = list(pool.map(lambda r: api.predict("net_d0", json.dumps({"inputs": r.tolist()})), rows))
+        for r, reply in zip(rows, replies, strict=True):
+            assert reply.status_code == 200, reply.text
+            assert reply.headers["Content-Type"].startswith("application/json")
+            np.testing.assert_allclose(reply.json()["predictions"], reference_net(weights, r), rtol=1e-5, atol=1e-5)
+    finally:
+        Management.from_run(registered).unregister("net_d0")

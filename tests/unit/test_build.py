@@ -12,6 +12,8 @@ import torch
 import yaml
 
 from serveready.archiver import ArchiverError, ModelSpec, build, load_spec, verify
+from serveready.archiver.build import model_config
+from serveready.archiver.spec import ServeOptions
 from tests.conftest import answer_without_library
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -36,7 +38,7 @@ def test_archive_holds_model_weights_config_and_handlers(net_archive: Path, net_
         "modelVersion": "1.0",
         "configFile": "model-config.yaml",
     }
-    assert config["batchSize"] == 8 and config["deviceType"] == "cpu"
+    assert config["minWorkers"] == net_spec.serve.minWorkers and config["deviceType"] == "cpu"  # serve: as written (tuned)
     assert config["model"] == {"format": "eager", "class_name": "Net", "kwargs": {"in_features": 10, "hidden": 20}, "sample_shape": [2, 10]}
     assert config["handler"] == {"torch_threads": 1, "ig_steps": 50, "input_width": 10, "max_rows": 1024}
     assert weights == net_spec.weights.read_bytes()  # the state_dict itself, not a pickled module
@@ -140,3 +142,12 @@ def test_the_config_format_the_readme_documented_still_builds(net_spec: ModelSpe
     assert spec.handler.module == "serveready.handlers.tabular" and spec.training == net_spec.training
     with zipfile.ZipFile(build(spec, tmp_path / "store")) as mar:
         assert yaml.safe_load(mar.read("model-config.yaml"))["handler"]["input_width"] == 10
+
+
+def test_delay_zero_batching_is_written_so_plain_torchserve_cannot_misread_it(net_spec: ModelSpec) -> None:
+    """TorchServe 0.12 reads maxBatchDelay 0 in an archive as unset (default 100 ms): never write it there."""
+    queued = model_config(dataclasses.replace(net_spec, serve=ServeOptions(minWorkers=2, maxWorkers=2, batchSize=8, maxBatchDelay=0)))
+    assert (queued["batchSize"], "maxBatchDelay" in queued) == (1, False)  # plain TorchServe: no batching, no wait
+    assert queued["register"] == {"batchSize": 8, "maxBatchDelay": 0}  # what ts-manage register passes explicitly
+    waiting = model_config(dataclasses.replace(net_spec, serve=ServeOptions(batchSize=8, maxBatchDelay=5)))
+    assert (waiting["batchSize"], waiting["maxBatchDelay"], "register" in waiting) == (8, 5, False)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from serveready.handlers.tabular import TabularHandler
-from tests.conftest import make_context, reference_net
+from tests.conftest import handled, make_context, reference_net
 
 
 def _ready(net_dir: Path, batch: int) -> tuple[TabularHandler, object]:
@@ -34,7 +34,7 @@ def test_initialize_loads_eval_model_with_one_thread(net_dir: Path) -> None:
 def test_predictions_match_independent_numpy_forward(net_dir: Path) -> None:
     rows = np.random.default_rng(1).normal(size=(5, 10))
     handler, context = _ready(net_dir, 1)
-    [answer] = handler.handle([_request({"inputs": rows.tolist()})], context)
+    [answer] = handled(handler, [_request({"inputs": rows.tolist()})], context)
     expected = reference_net(net_dir / "net.pt", rows.astype(np.float32))
     np.testing.assert_allclose(answer["predictions"], expected, rtol=1e-5, atol=1e-5)
     assert context.get_response_status(0) == (200, None)
@@ -42,7 +42,7 @@ def test_predictions_match_independent_numpy_forward(net_dir: Path) -> None:
 
 def test_single_row_answers_one_prediction(net_dir: Path) -> None:
     handler, context = _ready(net_dir, 1)
-    [answer] = handler.handle([{"body": {"inputs": [0.0] * 10}}], context)  # worker pre-decoded JSON
+    [answer] = handled(handler, [{"body": {"inputs": [0.0] * 10}}], context)  # worker pre-decoded JSON
     assert len(answer["predictions"]) == 1 and len(answer["predictions"][0]) == 1
 
 
@@ -57,7 +57,7 @@ def test_batch_mixes_good_and_bad_requests_and_keeps_order(net_dir: Path) -> Non
         _request({"inputs": good[2].tolist()}),
     ]
     handler, context = _ready(net_dir, len(batch))
-    answers = handler.handle(batch, context)
+    answers = handled(handler, batch, context)
     assert len(answers) == len(batch)
     for idx, rows in zip((0, 2, 4), good, strict=True):
         np.testing.assert_allclose(answers[idx]["predictions"], reference_net(net_dir / "net.pt", rows.astype(np.float32)), rtol=1e-5, atol=1e-5)
@@ -71,7 +71,7 @@ def test_batch_mixes_good_and_bad_requests_and_keeps_order(net_dir: Path) -> Non
 def test_all_bad_batch_runs_no_inference(net_dir: Path) -> None:
     handler, context = _ready(net_dir, 2)
     handler.model = None  # inference would fail loudly if it were reached
-    answers = handler.handle([_request({}), _request({"inputs": []})], context)
+    answers = handled(handler, [_request({}), _request({"inputs": []})], context)
     assert [a["code"] for a in answers] == [400, 400]
 
 
@@ -85,13 +85,13 @@ def test_inference_failure_is_generic_500_for_the_batch(net_dir: Path) -> None:
 
     handler.model = broken
     with pytest.raises(PredictionException) as err:
-        handler.handle([_request({"inputs": [0] * 10})], context)
+        handled(handler, [_request({"inputs": [0] * 10})], context)
     assert err.value.error_code == 500 and "secret" not in err.value.message
 
 
 def test_too_many_rows_is_refused(net_dir: Path) -> None:
     handler, context = _ready(net_dir, 1)
-    [answer] = handler.handle([_request({"inputs": [[0] * 10] * 1025})], context)
+    [answer] = handled(handler, [_request({"inputs": [[0] * 10] * 1025})], context)
     assert answer["message"] == "'inputs' has 1025 rows, more than the limit of 1024 rows per request"
 
 
@@ -102,7 +102,7 @@ def test_explanations_of_rows_add_up_to_the_output_change(net_dir: Path) -> None
     rows = np.random.default_rng(5).normal(size=(2, 10)).astype(np.float32)
     handler, context = _ready(net_dir, 1)
     context.request_processor = [RequestProcessor({"explain": "True"})]
-    [answer] = handler.handle([_request({"inputs": rows.tolist()})], context)
+    [answer] = handled(handler, [_request({"inputs": rows.tolist()})], context)
     attributions = np.array(answer["attributions"])
     assert attributions.shape == (2, 10)
     baseline = reference_net(net_dir / "net.pt", np.zeros((1, 10), np.float32))
@@ -120,6 +120,6 @@ def test_a_fault_in_decoding_fails_that_request_alone(net_dir: Path, monkeypatch
         return decode(request, headers)
 
     monkeypatch.setattr(handler, "decode", flaky)
-    bad, good = handler.handle([{"body": b"boom"}, _request({"inputs": [0.0] * 10})], context)
+    bad, good = handled(handler, [{"body": b"boom"}, _request({"inputs": [0.0] * 10})], context)
     assert bad == {"code": 500, "type": "HandlerError", "message": "this request could not be decoded: internal error, see the model log"}
     assert context.get_response_status(0)[0] == 500 and "predictions" in good

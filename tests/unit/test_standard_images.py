@@ -15,7 +15,7 @@ from PIL import Image
 from serveready.archiver import ArchiverError
 from serveready.handlers.image_classifier import ImageClassifierHandler
 from serveready.handlers.images import center_crop
-from tests.conftest import RGB_HANDLER, ImageProject, answer_without_library, image_project, make_context, unpack
+from tests.conftest import RGB_HANDLER, ImageProject, answer_without_library, handled, image_project, make_context, unpack
 
 
 def torchvision_like(data: bytes, resize: int, crop: int, mean: list[float], std: list[float]) -> torch.Tensor:
@@ -57,7 +57,7 @@ def test_images_in_every_form_match_torchvision_conventions(rgb_project: ImagePr
     pictures = [picture((64, 48), "RGB", "PNG", 1), picture((50, 70), "RGB", "JPEG", 2), picture((33, 33), "RGBA", "PNG", 3), picture((40, 90), "L", "PNG", 4)]
     batch = [{"body": bytearray(p)} for p in pictures] + [{"body": {"image": base64.b64encode(pictures[0]).decode(), "k": 4}}]
     handler, context = _ready(rgb_project, tmp_path, len(batch), {"X-Top-K": "4"})
-    answers = handler.handle(batch, context)
+    answers = handled(handler, batch, context)
     options = (RGB_HANDLER["resize"][0], RGB_HANDLER["crop"][0], RGB_HANDLER["mean"], RGB_HANDLER["std"])
     expected = torch.stack([torchvision_like(p, *options) for p in pictures + pictures[:1]])
     with torch.inference_mode():
@@ -71,7 +71,7 @@ def test_images_in_every_form_match_torchvision_conventions(rgb_project: ImagePr
 def test_the_model_input_itself_and_top_k_default(rgb_project: ImageProject, tmp_path: Path) -> None:
     inputs = torch.randn(3, 32, 32, generator=torch.Generator().manual_seed(5))
     handler, context = _ready(rgb_project, tmp_path, 1)
-    [answer] = handler.handle([{"body": {"inputs": inputs.tolist()}}], context)
+    [answer] = handled(handler, [{"body": {"inputs": inputs.tolist()}}], context)
     with torch.inference_mode():
         expected = torch.softmax(rgb_project.model(inputs[None]), dim=1)[0]
     assert len(answer["predictions"]) == 2  # handler.top_k
@@ -94,7 +94,7 @@ def test_bad_requests_fail_alone_with_400(rgb_project: ImageProject, tmp_path: P
     good = picture((64, 64), "RGB", "PNG", 9)
     batch = [{"body": bytearray(good)}] + [{"body": bytearray(body.encode() if isinstance(body, str) else body)} for body, _ in BAD]
     handler, context = _ready(rgb_project, tmp_path, len(batch))
-    answers = handler.handle(batch, context)
+    answers = handled(handler, batch, context)
     assert "predictions" in answers[0]
     for answer, (_, message) in zip(answers[1:], BAD, strict=True):
         assert answer["code"] == 400 and message in answer["message"], answer
@@ -105,7 +105,7 @@ def test_a_grey_classifier_resized_exactly(tmp_path: Path) -> None:
     sent = picture((70, 50), "RGB", "PNG", 11)
     pixels = np.asarray(Image.open(io.BytesIO(sent)).convert("L").resize((24, 28), Image.Resampling.BILINEAR), dtype=np.float32) / 255.0
     handler, context = _ready(grey, tmp_path, 2, {"X-Top-K": "4"})
-    image, array = handler.handle([{"body": bytearray(sent)}, {"body": {"inputs": pixels.tolist(), "k": 4}}], context)  # (h, w) for a grey model
+    image, array = handled(handler, [{"body": bytearray(sent)}, {"body": {"inputs": pixels.tolist(), "k": 4}}], context)  # (h, w) for a grey model
     with torch.inference_mode():
         expected = torch.softmax(grey.model(torch.from_numpy(pixels)[None, None]), dim=1)[0].numpy()
     np.testing.assert_allclose(_probabilities(image, 4), expected, rtol=1e-4, atol=1e-5)
@@ -141,7 +141,7 @@ def test_center_crop_pads_like_torchvision() -> None:
 def test_explanations_are_per_channel_and_add_up(rgb_project: ImageProject, tmp_path: Path) -> None:
     inputs = torch.randn(3, 32, 32, generator=torch.Generator().manual_seed(8))
     handler, context = _ready(rgb_project, tmp_path, 1, explain=True)
-    [answer] = handler.handle([{"body": {"inputs": inputs.tolist()}}], context)
+    [answer] = handled(handler, [{"body": {"inputs": inputs.tolist()}}], context)
     attributions = np.array(answer["attributions"])
     assert attributions.shape == (3, 32, 32) and np.array(answer["input"]).shape == (3, 32, 32)
     target = answer["predictions"][0]["index"]

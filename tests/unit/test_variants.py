@@ -17,7 +17,7 @@ from serveready.archiver.datasets import load_digits_split, make_regression
 from serveready.archiver.spec import Fidelity
 from serveready.handlers.image_classifier import ImageClassifierHandler
 from serveready.handlers.tabular import TabularHandler
-from tests.conftest import VariantBuild, digits_model, make_context, reference_net, unpack
+from tests.conftest import VariantBuild, digits_model, handled, make_context, reference_net, unpack
 
 EXPECTED = {
     "net": {"int8_dynamic", "float16", "bfloat16", "pruned", "pruned_structured", "distilled", "onnx", "exported"},
@@ -35,7 +35,7 @@ def _served_net(build: VariantBuild, tmp_path: Path, rows: np.ndarray) -> np.nda
     handler = TabularHandler()
     context = make_context(folder, 1)
     handler.initialize(context)
-    [answer] = handler.handle([{"body": {"inputs": rows.tolist()}}], context)
+    [answer] = handled(handler, [{"body": {"inputs": rows.tolist()}}], context)
     return np.array(answer["predictions"])
 
 
@@ -59,7 +59,7 @@ def test_digits_variants_answer_within_their_bound_of_fp32(variant_builds: dict[
         folder = unpack(build.archive, tmp_path / build.spec.name)
         handler, context = ImageClassifierHandler(), make_context(folder, len(batch))
         handler.initialize(context)
-        answers = handler.handle(batch, context)
+        answers = handled(handler, batch, context)
         served = np.array([[{p["index"]: p["probability"] for p in a["predictions"]}[i] for i in range(10)] for a in answers])
         bound = build.spec.fidelity.max_abs_diff
         assert bound is not None and np.abs(served - fp32).max() <= bound, build.spec.name
@@ -127,5 +127,5 @@ def test_quantized_models_refuse_explanations_with_501(variant_builds: dict[str,
     handler, context = TabularHandler(), make_context(folder, 1)
     handler.initialize(context)
     context.request_processor = [RequestProcessor({"explain": "True"})]
-    [answer] = handler.handle([{"body": {"inputs": [0.0] * 10}}], context)
+    [answer] = handled(handler, [{"body": {"inputs": [0.0] * 10}}], context)
     assert answer["code"] == 501 and "explanations need gradients" in answer["message"]

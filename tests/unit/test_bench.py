@@ -1,0 +1,76 @@
+"""The benchmark's bookkeeping: wrk's script and result, the targets, the generated block of the docs page."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from serveready.scripts.bench import START, Summary, main, verdicts, write_doc
+from serveready.scripts.loadgen import Load, lua_script, parse_result
+
+
+def test_lua_script_posts_the_body_with_the_key(tmp_path: Path) -> None:
+    body = tmp_path / "row.json"
+    body.write_text("{}")
+    script = lua_script(Load("http://127.0.0.1:1/predictions/net", body, "application/json", "k3y"))
+    assert 'wrk.method = "POST"' in script and str(body) in script
+    assert "wrk.headers['Authorization'] = 'Bearer k3y'" in script
+    assert "Authorization" not in lua_script(Load("http://x/", body, "image/png"))
+
+
+def test_result_line_becomes_rates_and_milliseconds() -> None:
+    out = "Running 2s test\nRESULT {\"requests\": 3000, \"duration_us\": 2000000, \"status_errors\": 2, \"socket_errors\": 1, " \
+          "\"p50_us\": 850, \"p90_us\": 1200, \"p99_us\": 4100, \"max_us\": 9000}\n"
+    r = parse_result(out, concurrency=8, client_cpu_s=0.1)
+    assert (r.rps, r.errors, r.p50_ms, r.p90_ms, r.p99_ms, r.concurrency) == (1500.0, 3, 0.85, 1.2, 4.1, 8)
+
+
+def _s(rps: float, p50: float, p99: float, errors: int = 0) -> Summary:
+    return Summary(rps, rps, rps, p50, p50, p99, errors, 100.0, 0.05)
+
+
+def test_verdicts_compare_with_the_right_baseline() -> None:
+    table = {
+        ("project", 1): _s(1000, 0.9, 2.0), ("stock-b1", 1): _s(1000, 0.8, 3.0), ("stock-tuned", 1): _s(150, 6.5, 7.0),
+        ("project", 32): _s(6900, 4.0, 9.0), ("stock-b1", 32): _s(2000, 15, 30), ("stock-tuned", 32): _s(6000, 5, 10),
+        ("litserve", 32): _s(2000, 15, 20),
+    }
+    lines = verdicts(table, [1, 32])
+    assert "- met: c=1 throughput 1.00x stock-b1 (target >= 0.9x)" in lines
+    assert "- met: c=1 p50 1.12x stock-b1's (target <= 1.2x)" in lines
+    assert "- met: c=32 throughput 1.15x the best stock configuration (target >= 1.1x)" in lines  # the tuned one, not b1
+    assert "- met: c=32 throughput 3.45x LitServe (target >= 3x)" in lines
+    table[("project", 32)] = _s(6000, 4.0, 11.0, errors=1)
+    lines = verdicts(table, [32])
+    assert "- **missed**: c=32 throughput 1.00x the best stock configuration (target >= 1.1x)" in lines
+    assert "- **missed**: c=32 p99 11.00 ms vs the best stock p99 10.00 ms (target <=)" in lines
+    assert "- **missed**: c=32 errors: 1" in lines
+
+
+def test_generated_block_replaces_only_itself(tmp_path: Path) -> None:
+    page = tmp_path / "benchmarks.md"
+    write_doc(page, "first numbers")
+    assert page.read_text().startswith("# Benchmarks") and "first numbers" in page.read_text()
+    page.write_text("# Mine\n\nintro\n\n" + page.read_text().split("\n", 2)[2] + "\n## Where the time goes\nanalysis\n")
+    write_doc(page, "second numbers")
+    text = page.read_text()
+    assert "intro" in text and "analysis" in text and "second numbers" in text and "first numbers" not in text
+    assert text.count(START) == 1
+
+
+def test_page_is_rendered_again_from_the_recorded_run(tmp_path: Path) -> None:
+    def row(system: str, level: int, rps: float, p99_ms: float, repeat: int = 0) -> dict:
+        return {"system": system, "repeat": repeat, "server_cpu_us": 300.0, "concurrency": level, "seconds": 4.0, "requests": int(rps * 4),
+                "errors": 0, "rps": rps, "p50_ms": 1.0, "p90_ms": 2.0, "p99_ms": p99_ms, "max_ms": 9.0, "client_cpu_s": 0.2}
+
+    recorded = {"header": "measured here", "names": ["project", "stock-b1"], "levels": [1, 8], "profiles": {"net": "| profile |"},
+                "cells": {"net": [row("project", 1, 1000, 2.0), row("project", 1, 1200, 2.0, 1), row("stock-b1", 1, 1000, 3.0),
+                                  row("project", 8, 5000, 3.0), row("stock-b1", 8, 2500, 9.0)]}}
+    source = tmp_path / "run.json"
+    source.write_text(json.dumps(recorded))
+    page = tmp_path / "benchmarks.md"
+    assert main(["--from-json", str(source), "--out", str(page)]) == 0
+    text = page.read_text()
+    assert "| project | 1 | 1,100 (1,000-1,200) | 1.00 | 2.00 | 2.00 | 0 | 300 | 0.05 |" in text  # the mean and range of two repeats
+    assert "Targets, `project` (net):" in text and "- met: c=8 throughput 2.00x the best stock configuration (target >= 1.1x)" in text
+    assert "measured here" in text and "| profile |" in text and (tmp_path / "benchmarks.png").read_bytes()[:4] == b"\x89PNG"
