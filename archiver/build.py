@@ -20,7 +20,7 @@ import shutil
 import sys
 import tempfile
 import zipfile
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Callable, Iterator, MutableMapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -89,6 +89,21 @@ def check_sample(spec: ModelSpec, model: Model) -> torch.Tensor:
 
 
 REGISTER_KEY = "register"
+CONFIG_ENTRY = "model-config.yaml"
+
+
+def rewrite_model_config(archive: Path, target: Path, change: Callable[[dict[str, Any]], None]) -> Path:
+    """Copy ``archive`` to ``target`` with ``change`` applied to its model-config.yaml (TorchServe's
+    register call cannot set the device or handler options: an archive that says them can)."""
+    with zipfile.ZipFile(archive) as src, zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED) as dst:
+        for item in src.infolist():
+            data = src.read(item)
+            if item.filename == CONFIG_ENTRY:
+                config = yaml.safe_load(data) or {}
+                change(config)
+                data = yaml.safe_dump(config, sort_keys=False).encode()
+            dst.writestr(item, data)
+    return target
 
 
 def model_config(spec: ModelSpec) -> dict[str, Any]:
@@ -130,7 +145,7 @@ def pack(spec: ModelSpec, store: Path) -> Path:
                 shutil.copy2(path, extra / name)
         entry = work / f"{ENTRY_MODULE}.py"
         entry.write_text(spec.handler.entry_source())
-        config_file = work / "model-config.yaml"
+        config_file = work / CONFIG_ENTRY
         header = f"# written by serveready {serveready.__version__} from {spec.source.name}: TorchServe's keys, then the handler's\n"
         config_file.write_text(header + yaml.safe_dump(model_config(spec), sort_keys=False))
         config = ModelArchiverConfig(
@@ -158,7 +173,7 @@ def load_archive(archive: Path, into: Path) -> Model:
     with zipfile.ZipFile(archive) as mar:
         mar.extractall(into)
     manifest = json.loads((into / "MAR-INF" / "MANIFEST.json").read_text())
-    config = yaml.safe_load((into / "model-config.yaml").read_text()) or {}
+    config = yaml.safe_load((into / CONFIG_ENTRY).read_text()) or {}
     return load_model(into, manifest, parse(ModelOptions, config.get("model"), "model"), torch.device("cpu"))
 
 
@@ -263,7 +278,7 @@ def build_all(specs: list[ModelSpec], store: Path, report_md: Path | None = None
 
 
 def _check_archive_names(spec: ModelSpec, names: list[str]) -> None:
-    taken = {"serveready", f"{ENTRY_MODULE}.py", "model-config.yaml", "MAR-INF"}
+    taken = {"serveready", f"{ENTRY_MODULE}.py", CONFIG_ENTRY, "MAR-INF"}
     for name in names:
         if name in taken:
             raise ArchiverError(f"{spec.name}: two files would be {name!r} in the archive: rename one")

@@ -22,7 +22,6 @@ import math
 import os
 import re
 import tempfile
-import zipfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,10 +29,10 @@ from typing import Any
 
 import yaml
 
+from .build import rewrite_model_config
 from .errors import ArchiverError
 from .spec import ModelSpec
 
-CONFIG_ENTRY = "model-config.yaml"
 TUNED_MARK = "# tuned:"
 
 
@@ -213,15 +212,7 @@ def write_choice(config_file: Path, chosen: Measurement, note: str) -> None:
 
 def with_threads(archive: Path, threads: int, target: Path) -> Path:
     """A copy of ``archive`` whose model-config sets ``handler.torch_threads`` (the register call cannot)."""
-    with zipfile.ZipFile(archive) as src, zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED) as dst:
-        for item in src.infolist():
-            data = src.read(item)
-            if item.filename == CONFIG_ENTRY:
-                config = yaml.safe_load(data) or {}
-                config.setdefault("handler", {})["torch_threads"] = threads
-                data = yaml.safe_dump(config, sort_keys=False).encode()
-            dst.writestr(item, data)
-    return target
+    return rewrite_model_config(archive, target, lambda config: config.setdefault("handler", {}).update(torch_threads=threads))
 
 
 # -- the sweep ------------------------------------------------------------------
@@ -355,6 +346,19 @@ def table(measurements: Sequence[Measurement], levels: Sequence[int], chosen: Me
     return "\n".join(rows)
 
 
+def concurrency_axes(rps: Any, p99: Any, levels: Sequence[int], title: str = "") -> None:
+    """Label a pair of matplotlib axes: req/s and p99 (log) against concurrent clients (log 2)."""
+    for ax, label in ((rps, "requests/s"), (p99, "p99 latency, ms")):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(list(levels), [str(c) for c in levels])
+        ax.set_xlabel("concurrent clients")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        if title:
+            ax.set_title(f"{title}: {label}")
+    p99.set_yscale("log")
+
+
 def plot(measurements: Sequence[Measurement], levels: Sequence[int], chosen: Measurement | None, path: Path, title: str) -> Path:
     """Throughput and p99 against concurrency, one line per fully measured candidate."""
     try:
@@ -372,13 +376,7 @@ def plot(measurements: Sequence[Measurement], levels: Sequence[int], chosen: Mea
         style = {"linewidth": 3 if bold else 1.3, "marker": "o"}
         left.plot(xs, [p.rps for p in m.points], label=m.candidate.label + (" (chosen)" if bold else ""), **style)
         right.plot(xs, [p.p99_ms for p in m.points], **style)
-    for ax, label in ((left, "requests/s"), (right, "p99 latency, ms")):
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(list(levels), [str(c) for c in levels])
-        ax.set_xlabel("concurrent clients")
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-    right.set_yscale("log")
+    concurrency_axes(left, right, levels)
     left.legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()

@@ -39,6 +39,7 @@ from pathlib import Path
 import psutil
 import requests
 
+from serveready.archiver.tune import concurrency_axes
 from serveready.handlers.runtime import machine
 
 from .client import Management
@@ -340,14 +341,7 @@ def plot(results: dict[str, dict[tuple[str, int], Summary]], names: Sequence[str
             style = {"linewidth": 3 if name == "project" else 1.4, "marker": "o", "label": name}
             axes[row][0].plot([x for x, _ in pts], [s.rps for _, s in pts], **style)
             axes[row][1].plot([x for x, _ in pts], [s.p99 for _, s in pts], **style)
-        for ax, label in ((axes[row][0], "requests/s"), (axes[row][1], "p99 ms")):
-            ax.set_xscale("log", base=2)
-            ax.set_xticks(list(levels), [str(c) for c in levels])
-            ax.set_xlabel("concurrent clients")
-            ax.set_ylabel(label)
-            ax.set_title(f"{model}: {label}")
-            ax.grid(alpha=0.3)
-        axes[row][1].set_yscale("log")
+        concurrency_axes(axes[row][0], axes[row][1], levels, model)
         axes[row][0].legend(fontsize=8)
     fig.tight_layout()
     buffer = io.BytesIO()

@@ -20,12 +20,12 @@ from typing import Any
 import requests
 import yaml
 
+from serveready.archiver.build import CONFIG_ENTRY, rewrite_model_config
 from serveready.handlers.config import DeviceType
 
 from .runinfo import RunDir, ScriptError, TokenKind
 
 #: Where an archive keeps TorchServe's model config.
-CONFIG_ENTRY = "model-config.yaml"
 
 
 class NotFound(ScriptError):
@@ -164,10 +164,10 @@ class Management:
         if device is DeviceType.GPU and run.gpus == 0:
             raise ScriptError("GPU workers were asked for, but this server has no GPU (number_of_gpu=0); use --device cpu")
         path = archive_in_store(str(archive), run.model_store)
-        if device is not None and archive_device(path) != device.value:
+        config = archive_config(path)
+        if device is not None and config.get("deviceType") != device.value:
             path = retarget_archive(path, device)
         name = name or path.name.split(".")[0]
-        config = archive_config(path)
         if workers is None:  # the archive's own (tuned) worker count
             workers = int(config.get("minWorkers") or 1)
         # Batching TorchServe cannot read from an archive (maxBatchDelay 0) is passed explicitly.
@@ -249,15 +249,7 @@ def retarget_archive(archive: Path, device: DeviceType) -> Path:
     model-config.yaml decides, so a device choice means an archive that says it.
     """
     target = archive.with_name(f"{archive.stem}.{device.value}.mar")
-    with zipfile.ZipFile(archive) as src, zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED) as dst:
-        for item in src.infolist():
-            data = src.read(item)
-            if item.filename == CONFIG_ENTRY:
-                config = yaml.safe_load(data) or {}
-                config["deviceType"] = device.value
-                data = yaml.safe_dump(config, sort_keys=False).encode()
-            dst.writestr(item, data)
-    return target
+    return rewrite_model_config(archive, target, lambda config: config.update(deviceType=device.value))
 
 
 def archive_in_store(archive: str, store: Path) -> Path:
