@@ -38,7 +38,7 @@ import torch
 
 from .config import HandlerOptions, ModelOptions, parse
 from .errors import ExplanationsUnavailable, HandlerError
-from .loaders import load_model
+from .loaders import CPU_ONLY_FORMATS, load_model
 from .runtime import default_threads, limit_threads, quiet_per_batch_log, select_device
 
 try:
@@ -106,13 +106,16 @@ class BatchHandler:
         self.model_dir = Path(properties["model_dir"])
         limit_threads(self.options.torch_threads or default_threads(config))
         quiet_per_batch_log()
-        self.device = select_device(properties.get("gpu_id"))
+        gpu_id = properties.get("gpu_id")
+        cpu_only = self.model_options.format in CPU_ONLY_FORMATS
+        self.device = select_device(gpu_id, cpu_only)
         self.model = self.load_model(self.model_dir, context.manifest or {})
         self.initialized = True
         logger.info(
-            "serveready %s %s (code in %s): %s model %s on %s, %d torch thread(s)",
+            "serveready %s %s (code in %s): %s model %s on %s, %d torch thread(s)%s",
             __version__, type(self).__name__, Path(__file__).parent, self.model_options.format,
             context.model_name, self.device, torch.get_num_threads(),
+            f"; GPU {gpu_id} left unused: {self.model_options.format} runs on the CPU only" if cpu_only and gpu_id is not None else "",
         )
 
     def load_model(self, model_dir: Path, manifest: Mapping[str, Any]) -> Model:

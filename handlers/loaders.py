@@ -160,6 +160,11 @@ LOADERS: dict[str, Loader] = {
 }
 
 
+#: Formats whose kernels exist for the CPU only (torch.ao's quantized ops cannot take CUDA
+#: tensors): a GPU worker runs them on its CPU, without touching CUDA.
+CPU_ONLY_FORMATS = frozenset({"int8_dynamic", "int8_static"})
+
+
 def load_model(model_dir: Path, manifest: Mapping[str, Any], model: ModelOptions, device: torch.device, threads: int = 0) -> Model:
     """Load the archive's model with the loader its ``model.format`` names.
 

@@ -29,11 +29,14 @@ def machine() -> str:
     return f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, torch {torch.__version__}"
 
 
-def select_device(gpu_id: int | None) -> torch.device:
-    """The worker's device: ``cuda:<gpu_id>`` when TorchServe gave it a GPU, else CPU."""
-    if gpu_id is not None and torch.cuda.is_available():
-        return torch.device(f"cuda:{int(gpu_id)}")
-    return torch.device("cpu")
+def select_device(gpu_id: int | None, cpu_only: bool = False) -> torch.device:
+    """The worker's device: ``cuda:<gpu_id>`` when TorchServe gave it a GPU, else CPU.
+
+    ``cpu_only`` (a format with CPU kernels only) gives the CPU without asking CUDA anything.
+    """
+    if cpu_only or gpu_id is None:
+        return torch.device("cpu")
+    return torch.device(f"cuda:{int(gpu_id)}") if torch.cuda.is_available() else torch.device("cpu")
 
 
 def default_threads(model_config: Mapping[str, Any]) -> int:

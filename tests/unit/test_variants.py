@@ -129,3 +129,41 @@ def test_quantized_models_refuse_explanations_with_501(variant_builds: dict[str,
     context.request_processor = [RequestProcessor({"explain": "True"})]
     [answer] = handled(handler, [{"body": {"inputs": [0.0] * 10}}], context)
     assert answer["code"] == 501 and "explanations need gradients" in answer["message"]
+
+
+def test_int8_archives_on_a_gpu_worker_run_on_its_cpu_without_cuda(variant_builds: dict[str, VariantBuild], net_spec: ModelSpec,
+                                                                     tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """TorchServe gives a GPU worker gpu_id; torch.ao's int8 kernels cannot take CUDA tensors (every request
+    answered 500 on an H100). The worker must stay on the CPU and never ask CUDA (no context)."""
+
+    def no_cuda() -> bool:
+        raise AssertionError("a CPU-only format asked CUDA")
+
+    monkeypatch.setattr(torch.cuda, "is_available", no_cuda)
+    rows = np.random.default_rng(6).normal(size=(5, 10)).astype(np.float32)
+    fp32 = reference_net(net_spec.weights, rows)
+    for name in ("net_int8",):
+        folder = unpack(variant_builds[name].archive, tmp_path / name)
+        handler, context = TabularHandler(), make_context(folder, 1, gpu=0)
+        handler.initialize(context)
+        assert handler.device == torch.device("cpu")
+        [answer] = handled(handler, [{"body": {"inputs": rows.tolist()}}], context)
+        assert np.abs(np.array(answer["predictions"]) - fp32).max() <= variant_builds[name].spec.fidelity.max_abs_diff
+    image = load_digits_split(0, 0.2).x_test[0]
+    for name in ("digits_int8", "digits_int8_static"):
+        folder = unpack(variant_builds[name].archive, tmp_path / name)
+        handler, context = ImageClassifierHandler(), make_context(folder, 1, gpu=0)
+        handler.initialize(context)
+        assert handler.device == torch.device("cpu"), name
+        [answer] = handled(handler, [{"body": {"inputs": (image[0] * 16).tolist()}}], context)
+        assert len(answer["predictions"]) == 3 and context.get_response_status(0)[0] in (None, 200), name
+
+
+def test_a_gpu_worker_of_other_formats_asks_for_its_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    from serveready.handlers.runtime import select_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert select_device(1) == torch.device("cuda:1")
+    assert select_device(None) == torch.device("cpu") and select_device(1, cpu_only=True) == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert select_device(1) == torch.device("cpu")  # a host whose torch has no CUDA: the CPU, as before
