@@ -21,6 +21,7 @@ import json
 import math
 import os
 import re
+import statistics
 import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -257,10 +258,9 @@ def sweep(archive: Path, body: bytes, content_type: str, grid: Sequence[Candidat
             management = Management.from_run(run)
             token = run.token(TokenKind.INFERENCE)
 
-            def register(c: Candidate) -> tuple[str, Load]:
-                name = "tune_" + c.label.replace(" ", "_")
-                management.register(f"tune_t{c.threads}.mar", name=name, workers=c.workers, batch_size=c.batch_size, max_batch_delay=c.max_batch_delay)
-                return name, Load(f"{run.inference_url}/predictions/{name}", request, content_type, token)
+            def register(c: Candidate) -> Load:
+                management.register(f"tune_t{c.threads}.mar", name=_model_name(c), workers=c.workers, batch_size=c.batch_size, max_batch_delay=c.max_batch_delay)
+                return Load(f"{run.inference_url}/predictions/{_model_name(c)}", request, content_type, token)
 
             def unregister(name: str) -> None:
                 try:
@@ -276,12 +276,12 @@ def sweep(archive: Path, body: bytes, content_type: str, grid: Sequence[Candidat
             screen_levels = tuple(sorted({min(plan.levels), max(plan.levels)}))
             screened = []
             for i, c in enumerate(grid, 1):
-                name, load = register(c)
+                load = register(c)
                 try:
                     run_wrk(load, max(screen_levels), plan.warmup_seconds if i == 1 else 1)  # not measured
                     m = Measurement(c, tuple(point(load, level, plan.screen_seconds) for level in screen_levels))
                 finally:
-                    unregister(name)
+                    unregister(_model_name(c))
                 screened.append(m)
                 progress(f"[screen {i}/{len(grid)}] {c.label}: " + ", ".join(f"c={p.concurrency} {p.rps:,.0f}/s p99 {p.p99_ms:.1f} ms" for p in m.points))
             # Finalists: the best that pass the lone-client check at screening, plus the best that
@@ -291,7 +291,7 @@ def sweep(archive: Path, body: bytes, content_type: str, grid: Sequence[Candidat
             waiting = sorted((m for m in screened if m not in passing), key=lambda m: -m.score)[:1]
             finalists = [m.candidate for m in best + waiting]
             # Stage 2: the finalists side by side, every level, interleaved and repeated; medians.
-            loads = dict(register(c) for c in finalists)
+            loads = {c: register(c) for c in finalists}
             try:
                 for load in loads.values():
                     run_wrk(load, max(plan.levels), 1)
@@ -301,13 +301,13 @@ def sweep(archive: Path, body: bytes, content_type: str, grid: Sequence[Candidat
                     order = finalists[rep % len(finalists):] + finalists[:rep % len(finalists)]
                     for level in plan.levels:
                         for c in order:
-                            sample = point(loads["tune_" + c.label.replace(" ", "_")], level, plan.seconds)
+                            sample = point(loads[c], level, plan.seconds)
                             samples.setdefault((c, level), []).append(sample)
                             done += 1
                             progress(f"[measure {done}/{total}] {c.label}: c={level} {sample.rps:,.0f}/s p50 {sample.p50_ms:.2f} p99 {sample.p99_ms:.1f} ms")
             finally:
-                for name in loads:
-                    unregister(name)
+                for c in loads:
+                    unregister(_model_name(c))
             measured = [Measurement(c, tuple(_median(samples[(c, level)]) for level in plan.levels)) for c in finalists]
             return measured + [m for m in screened if m.candidate not in finalists]
         except ScriptError as err:
@@ -316,15 +316,15 @@ def sweep(archive: Path, body: bytes, content_type: str, grid: Sequence[Candidat
             stop(run.path)
 
 
+def _model_name(c: Candidate) -> str:
+    """The name a candidate is registered under on the tuning server."""
+    return "tune_" + c.label.replace(" ", "_")
+
+
 def _median(points: Sequence[Point]) -> Point:
     """One point from repeats: the median of each number (a stall in one repeat does not decide)."""
-    def mid(values: list[float]) -> float:
-        ordered = sorted(values)
-        n = len(ordered)
-        return ordered[n // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2
-
-    return Point(points[0].concurrency, round(mid([p.rps for p in points]), 1), round(mid([p.p50_ms for p in points]), 3),
-                 round(mid([p.p99_ms for p in points]), 3), sum(p.errors for p in points))
+    return Point(points[0].concurrency, round(statistics.median(p.rps for p in points), 1), round(statistics.median(p.p50_ms for p in points), 3),
+                 round(statistics.median(p.p99_ms for p in points), 3), sum(p.errors for p in points))
 
 
 # -- reporting ------------------------------------------------------------------
@@ -381,10 +381,8 @@ def plot(measurements: Sequence[Measurement], levels: Sequence[int], chosen: Mea
     fig.suptitle(title)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=90)
+    fig.savefig(path, format="png", dpi=90)
     plt.close(fig)
-    path.write_bytes(buffer.getvalue())
     return path
 
 

@@ -24,7 +24,6 @@ import base64
 import contextlib
 import dataclasses
 import datetime
-import io
 import json
 import platform
 import statistics
@@ -105,7 +104,7 @@ class Cell:
     server_cpu_us: float  # server CPU per request, microseconds
 
 
-def workloads(store: Path, image: Path) -> dict[str, Workload]:
+def workloads(image: Path) -> dict[str, Workload]:
     png = image.read_bytes()
     return {
         "net": Workload("net", "tabular", Path("models/net.py"), "Net", Path("artifacts/net.pt"),
@@ -344,10 +343,8 @@ def plot(results: dict[str, dict[tuple[str, int], Summary]], names: Sequence[str
         concurrency_axes(axes[row][0], axes[row][1], levels, model)
         axes[row][0].legend(fontsize=8)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=90)
+    fig.savefig(path, format="png", dpi=90)
     plt.close(fig)
-    path.write_bytes(buffer.getvalue())
 
 
 def versions() -> str:
@@ -422,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
             wrk_path()
             if unknown:
                 raise ScriptError(f"unknown system(s) {', '.join(unknown)}; known: {', '.join(SYSTEMS)}")
-            works = workloads(args.model_store, args.image)
+            works = workloads(args.image)
             chosen = [m for m in args.models.split(",") if m]
             for model in chosen:
                 if model not in works:
