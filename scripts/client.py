@@ -188,11 +188,14 @@ class Management:
             self.call("PUT", f"/models/{name}", min_worker=workers, max_worker=workers, synchronous="true")
             ready = self.wait_ready(name, workers, timeout)
         except ScriptError as err:
+            # The reason is read before the unregister: that deletes the unpacked archive under
+            # workers still retrying, whose later failures say only that files vanished.
+            reason = load_failure(run, name, since)
             try:
                 self.call("DELETE", f"/models/{name}")
             except ScriptError:
                 pass
-            raise ScriptError(f"{err.message}; {name!r} is not registered{load_failure(run, name, since)}") from None
+            raise ScriptError(f"{err.message}; {name!r} is not registered{reason}") from None
         return Registration(name, path.name, len(ready), "GPU" if any(w.get("gpu") for w in ready) else "CPU")
 
     def _run(self) -> RunDir:
@@ -272,6 +275,7 @@ def _log_size(run: RunDir) -> int:
 def load_failure(run: RunDir, name: str, since: int = 0, wait: float = 3.0) -> str:
     """The worker's own reason, from the server's model log (after byte ``since``), when it is readable here.
 
+    The first failure is the one quoted: retries after it may fail for reasons of their own.
     The log is written asynchronously: give it ``wait`` seconds to show the line.
     """
     log = run.log_dir / "model_log.log"
@@ -285,7 +289,7 @@ def load_failure(run: RunDir, name: str, since: int = 0, wait: float = 3.0) -> s
                 text = f.read().decode(errors="replace")
         reasons = [line.split(marker, 1)[1].strip() for line in text.splitlines() if marker in line]
         if reasons:
-            return f"; the worker said: {reasons[-1]}"
+            return f"; the worker said: {reasons[0]}"
         if time.monotonic() > deadline:
             return f"; see {log}" if log.is_file() else ""
         time.sleep(0.2)

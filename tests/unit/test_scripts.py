@@ -137,3 +137,20 @@ def test_unregister_retries_torchserves_transient_500s(monkeypatch: pytest.Monke
     answers[:] = [ScriptError("DELETE /models/m failed with HTTP 404: not found")]
     with pytest.raises(ScriptError, match="404"):
         management.unregister("m")  # not a transient error: no retry
+
+
+def test_load_failure_quotes_the_first_reason_after_the_mark(tmp_path: Path) -> None:
+    """Workers retried after the first failure may fail otherwise (their unpacked archive being deleted)."""
+    from serveready.scripts.client import load_failure
+
+    run = RunDir(tmp_path)
+    run.log_dir.mkdir()
+    log = run.log_dir / "model_log.log"
+    old = "W-9000-net_onnx stdout MODEL_LOG - Failed to load model net_onnx, exception an older registration\n"
+    log.write_text(old)
+    log.write_text(old + "".join(
+        f"W-{port}-net_onnx stdout MODEL_LOG - Failed to load model net_onnx, exception {reason}\n"
+        for port, reason in [(9001, "this archive needs onnxruntime"), (9002, "No module named 'serveready.handlers.x'")]
+    ))
+    assert load_failure(run, "net_onnx", since=len(old)) == "; the worker said: this archive needs onnxruntime"
+    assert load_failure(run, "net", since=len(old), wait=0) == f"; see {log}"
