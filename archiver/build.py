@@ -36,7 +36,7 @@ from torch import nn
 import serveready
 from serveready.handlers.config import ModelOptions, parse, to_mapping
 from serveready.handlers.errors import ConfigError, ModelLoadError
-from serveready.handlers.loaders import load_model
+from serveready.handlers.loaders import Loaded, load_model
 from serveready.handlers.runtime import load_eager_model
 
 from . import evaluate
@@ -168,13 +168,13 @@ def pack(spec: ModelSpec, store: Path) -> Path:
     return store / spec.archive_name
 
 
-def load_archive(archive: Path, into: Path) -> Model:
-    """Unpack an archive and load its model with the handler's own loader, as a worker would."""
+def load_archive(archive: Path, into: Path, device: torch.device | None = None) -> Loaded:
+    """Unpack an archive and load its model with the handler's own loader, as a worker would (CPU by default)."""
     with zipfile.ZipFile(archive) as mar:
         mar.extractall(into)
     manifest = json.loads((into / "MAR-INF" / "MANIFEST.json").read_text())
     config = yaml.safe_load((into / CONFIG_ENTRY).read_text()) or {}
-    return load_model(into, manifest, parse(ModelOptions, config.get("model"), "model"), torch.device("cpu"))
+    return load_model(into, manifest, parse(ModelOptions, config.get("model"), "model"), device or torch.device("cpu"))
 
 
 def build(spec: ModelSpec, store: Path) -> Path:
@@ -199,7 +199,7 @@ def build_measured(spec: ModelSpec, store: Path, references: MutableMapping[str,
         (scratch / "store").mkdir()
         archive = pack(spec, scratch / "store")
         try:
-            model = load_archive(archive, scratch / "unpacked")
+            model = load_archive(archive, scratch / "unpacked").run
             spec.handler.handler_class.check_outputs(spec.handler_options, scratch / "unpacked", check_sample(spec, model))
         except (ConfigError, ModelLoadError) as err:
             raise ArchiverError(f"{spec.name}: {err.message}{_train_hint(spec)}") from err

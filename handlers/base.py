@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -37,8 +37,8 @@ from typing import Any, ClassVar
 import torch
 
 from .config import HandlerOptions, ModelOptions, parse
-from .errors import ExplanationsUnavailable, HandlerError
-from .loaders import CPU_ONLY_FORMATS, load_model
+from .errors import ExplanationsUnavailable, HandlerError, ModelLoadError
+from .loaders import Loaded, Model, load_model, model_format
 from .runtime import default_threads, limit_threads, quiet_per_batch_log, select_device
 
 try:
@@ -47,8 +47,6 @@ except ImportError:  # the handlers package copied without its parent
     __version__ = "unknown"
 
 logger = logging.getLogger(__name__)
-
-Model = Callable[[torch.Tensor], torch.Tensor]
 
 #: TorchServe marks requests to /explanations/<model> with this request header.
 EXPLAIN_HEADER = "explain"
@@ -75,7 +73,9 @@ class BatchHandler:
 
     def __init__(self) -> None:
         self.model: Model | None = None
+        #: where input batches go (set from what the loader says)
         self.device = torch.device("cpu")
+        self.loaded: Loaded | None = None
         self.options: Any = HandlerOptions()
         self.model_options: ModelOptions | None = None
         self.model_dir = Path(".")
@@ -107,21 +107,36 @@ class BatchHandler:
         limit_threads(self.options.torch_threads or default_threads(config))
         quiet_per_batch_log()
         gpu_id = properties.get("gpu_id")
-        cpu_only = self.model_options.format in CPU_ONLY_FORMATS
-        self.device = select_device(gpu_id, cpu_only)
-        self.model = self.load_model(self.model_dir, context.manifest or {})
+        device, unused = select_device(gpu_id, model_format(self.model_options.format).placement)
+        try:
+            self.loaded = self.load_model(self.model_dir, context.manifest or {}, device)
+        except HandlerError:
+            raise
+        except Exception as err:
+            # Any other type would make TorchServe restart the worker forever instead of reporting it.
+            raise ModelLoadError(f"the {self.model_options.format} model cannot be loaded on {device}: {err}") from err
+        self.model, self.device = self.loaded.run, self.loaded.inputs_on
+        self.sample_outputs = self.smoke_test()
         self.initialized = True
         logger.info(
-            "serveready %s %s (code in %s): %s model %s on %s, %d torch thread(s)%s",
+            "serveready %s %s (code in %s): %s model %s runs with %s, %d torch thread(s)%s",
             __version__, type(self).__name__, Path(__file__).parent, self.model_options.format,
-            context.model_name, self.device, torch.get_num_threads(),
-            f"; GPU {gpu_id} left unused: {self.model_options.format} runs on the CPU only" if cpu_only and gpu_id is not None else "",
+            context.model_name, self.loaded.describe(), torch.get_num_threads(), f"; {unused}" if unused else "",
         )
 
-    def load_model(self, model_dir: Path, manifest: Mapping[str, Any]) -> Model:
-        """Load the archive's model with the loader its ``model.format`` names."""
+    def load_model(self, model_dir: Path, manifest: Mapping[str, Any], device: torch.device) -> Loaded:
+        """Load the archive's model for ``device`` with the loader its ``model.format`` names."""
         assert self.model_options is not None
-        return load_model(model_dir, manifest, self.model_options, self.device, torch.get_num_threads())
+        return load_model(model_dir, manifest, self.model_options, device, torch.get_num_threads())
+
+    def smoke_test(self) -> torch.Tensor:
+        """Run a zero batch of ``model.sample_shape`` through the model: a model that cannot run
+        where it was put fails here, at load time, not at its first request (and warms it up)."""
+        assert self.model_options is not None and self.loaded is not None
+        try:
+            return self.inference(torch.zeros(self.model_options.sample_shape))
+        except Exception as err:
+            raise ModelLoadError(f"the {self.model_options.format} model does not run with {self.loaded.describe()}: {err}") from err
 
     # -- per request hooks -------------------------------------------------
     def decode(self, request: Mapping[str, Any], headers: Mapping[str, str]) -> Decoded:
@@ -168,7 +183,7 @@ class BatchHandler:
 
     def attribute(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Outputs and Integrated Gradients attributions (Captum) for ``batch``."""
-        if getattr(self.model, "differentiable", True) is False:
+        if self.loaded is not None and not self.loaded.differentiable:
             fmt = self.model_options.format if self.model_options else "loaded"
             raise ExplanationsUnavailable(f"explanations need gradients, and this archive's {fmt} model has none: ask the fp32 model")
         try:

@@ -65,10 +65,7 @@ class ImageClassifierHandler(BatchHandler):
 
     def initialize(self, context: Any) -> None:
         super().initialize(context)
-        assert self.model is not None and self.model_options is not None
-        with torch.inference_mode():  # also warms the model up before the first request
-            outputs = self.model(torch.zeros((1, *self.model_options.sample_shape[1:])).to(self.device))
-        self.classes = int(outputs.shape[-1])
+        self.classes = int(self.sample_outputs.shape[-1])
         self.names = class_names(self.options, self.model_dir, self.classes)
 
     @property

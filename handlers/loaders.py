@@ -7,7 +7,8 @@
     onnx          an ONNX file run by ONNX Runtime (CUDA provider on a GPU worker)
     exported      a torch.export program: no Python model code in the archive
 
-Every loader returns a callable from a float32 batch to float32 outputs.
+Every loader returns a :class:`Loaded`: a callable from a float32 batch (on the device
+it names) to float32 outputs, and where it really computes, which the worker logs once.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ import copy
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -27,7 +29,27 @@ from .errors import ModelLoadError
 from .runtime import build_module, load_eager_model, load_weights_into
 
 Model = Callable[[torch.Tensor], torch.Tensor]
-Loader = Callable[[Path, Mapping[str, Any], ModelOptions, torch.device, int], Model]
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """A loaded model, the device its inputs go to, and what actually runs it."""
+
+    run: Model
+    #: where the handler puts input batches (the CPU for ONNX Runtime, which copies them itself)
+    inputs_on: torch.device
+    #: what computes, for the worker's log: "torch float16 on cuda:0", "onnxruntime CPUExecutionProvider"
+    engine: str
+    #: False where there is no autograd (quantized kernels, ONNX Runtime): no explanations
+    differentiable: bool = True
+    #: why it runs elsewhere than the worker's device, if it does
+    note: str = ""
+
+    def describe(self) -> str:
+        return f"{self.engine} ({self.note})" if self.note else self.engine
+
+
+Loader = Callable[[Path, Mapping[str, Any], ModelOptions, torch.device, int], Loaded]
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -57,15 +79,18 @@ def _load_into(model: nn.Module, weights: Path, what: str) -> nn.Module:
         return load_weights_into(model, weights, f"the {what} model")
 
 
-def _no_gradients(model: Model) -> Model:
-    # Quantized kernels and ONNX Runtime have no autograd: explanations must say so, not crash.
-    model.differentiable = False  # type: ignore[attr-defined]
-    return model
+def _on_torch(module: nn.Module, device: torch.device, dtype: str = "float32") -> Loaded:
+    return Loaded(module, device, f"torch {dtype} on {device}")
 
 
-def load_eager(model_dir: Path, manifest: Mapping[str, Any], model: ModelOptions, device: torch.device, threads: int = 0) -> Model:
+def _int8(module: nn.Module, kind: str) -> Loaded:
+    # Quantized kernels have no autograd: explanations must say so, not crash.
+    return Loaded(module, torch.device("cpu"), f"torch {kind} on cpu", differentiable=False)
+
+
+def load_eager(model_dir: Path, manifest: Mapping[str, Any], model: ModelOptions, device: torch.device, threads: int = 0) -> Loaded:
     model_file, weights = _files(model_dir, manifest)
-    return load_eager_model(model_file, model.class_name or "", model.kwargs, weights, device)
+    return _on_torch(load_eager_model(model_file, model.class_name or "", model.kwargs, weights, device), device)
 
 
 def quantize_dynamic_int8(model: nn.Module) -> nn.Module:
@@ -74,10 +99,10 @@ def quantize_dynamic_int8(model: nn.Module) -> nn.Module:
         return torch.ao.quantization.quantize_dynamic(copy.deepcopy(model).eval(), {nn.Linear}, dtype=torch.qint8)
 
 
-def load_int8_dynamic(model_dir: Path, manifest: Mapping[str, Any], model: ModelOptions, device: torch.device, threads: int = 0) -> Model:
+def load_int8_dynamic(model_dir: Path, manifest: Mapping[str, Any], model: ModelOptions, device: torch.device, threads: int = 0) -> Loaded:
     # Quantized kernels are CPU kernels: a GPU worker still runs this variant on its CPU.
     _, weights = _files(model_dir, manifest)
-    return _no_gradients(_load_into(quantize_dynamic_int8(_module(model_dir, manifest, model)), weights, "int8 dynamic"))
+    return _int8(_load_into(quantize_dynamic_int8(_module(model_dir, manifest, model)), weights, "int8 dynamic"), "int8 dynamic")
 
 
 def prepare_static_int8(model: nn.Module, sample_shape: tuple[int, ...]) -> nn.Module:
@@ -96,16 +121,17 @@ def convert_static_int8(prepared: nn.Module) -> nn.Module:
         return convert_fx(prepared)
 
 
-def load_int8_static(model_dir: Path, manifest: Mapping[str, Any], model: ModelOptions, device: torch.device, threads: int = 0) -> Model:
+def load_int8_static(model_dir: Path, manifest: Mapping[str, Any], model: ModelOptions, device: torch.device, threads: int = 0) -> Loaded:
     _, weights = _files(model_dir, manifest)
     shape = model.sample_shape
     # Same tracing and conversion as at build time gives the same module structure;
     # the archive's state_dict then supplies the int8 weights, scales and zero points.
     structure = convert_static_int8(prepare_static_int8(_module(model_dir, manifest, model), shape))
-    return _no_gradients(_load_into(structure, weights, "int8 static"))
+    return _int8(_load_into(structure, weights, "int8 static"), "int8 static")
 
 
-def load_half(model_dir: Path, manifest: Mapping[str, Any], model: ModelOptions, device: torch.device, threads: int = 0) -> Model:
+def load_half(model_dir: Path, manifest: Mapping[str, Any], model: ModelOptions, device: torch.device, threads: int = 0) -> Loaded:
+    """Weights, activations and inputs in float16/bfloat16 end to end; only the outputs come back float32."""
     _, weights = _files(model_dir, manifest)
     name = model.dtype or "float16"
     dtype = DTYPES[name]
@@ -114,10 +140,22 @@ def load_half(model_dir: Path, manifest: Mapping[str, Any], model: ModelOptions,
     def run(batch: torch.Tensor) -> torch.Tensor:
         return module(batch.to(device=device, dtype=dtype)).float()
 
-    return run
+    return Loaded(run, device, f"torch {name} on {device}")
 
 
-def load_onnx(model_dir: Path, manifest: Mapping[str, Any], model: ModelOptions, device: torch.device, threads: int = 0) -> Model:
+ONNX_GPU_HINT = "pip install onnxruntime-gpu (in place of onnxruntime) for ONNX on the GPU"
+
+
+def onnx_providers(device: torch.device, available: list[str]) -> tuple[list[Any], str]:
+    """ONNX Runtime providers for a worker on ``device``, and why the GPU is not among them, if it is not."""
+    if device.type != "cuda":
+        return ["CPUExecutionProvider"], ""
+    if "CUDAExecutionProvider" not in available:
+        return ["CPUExecutionProvider"], f"GPU {device.index} left unused: this host's onnxruntime has no CUDAExecutionProvider; {ONNX_GPU_HINT}"
+    return [("CUDAExecutionProvider", {"device_id": device.index or 0}), "CPUExecutionProvider"], ""
+
+
+def load_onnx(model_dir: Path, manifest: Mapping[str, Any], model: ModelOptions, device: torch.device, threads: int = 0) -> Loaded:
     try:
         import onnxruntime as ort
     except ImportError:
@@ -126,46 +164,70 @@ def load_onnx(model_dir: Path, manifest: Mapping[str, Any], model: ModelOptions,
     settings = ort.SessionOptions()
     settings.intra_op_num_threads = threads
     settings.inter_op_num_threads = 1
-    providers = ["CPUExecutionProvider"]
-    if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
-        providers.insert(0, ("CUDAExecutionProvider", {"device_id": device.index or 0}))
+    providers, note = onnx_providers(device, ort.get_available_providers())
     try:
         session = ort.InferenceSession(str(weights), sess_options=settings, providers=providers)
     except Exception as err:  # onnxruntime raises its own exception types
         raise ModelLoadError(f"ONNX Runtime cannot load {weights.name}: {err}") from err
+    used = session.get_providers()[0]
+    if not note and device.type == "cuda" and used != "CUDAExecutionProvider":
+        # ONNX Runtime falls back quietly when the CUDA provider's libraries do not load.
+        note = f"GPU {device.index} left unused: CUDAExecutionProvider did not start (CUDA/cuDNN libraries?), ONNX Runtime fell back to {used}"
     name = session.get_inputs()[0].name
 
     def run(batch: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(session.run(None, {name: batch.detach().cpu().numpy()})[0])
 
-    return _no_gradients(run)
+    where = f"GPU {device.index}" if used == "CUDAExecutionProvider" else "cpu"
+    return Loaded(run, torch.device("cpu"), f"onnxruntime {used} on {where}, float32", differentiable=False, note=note)
 
 
-def load_exported(model_dir: Path, manifest: Mapping[str, Any], model: ModelOptions, device: torch.device, threads: int = 0) -> Model:
+def load_exported(model_dir: Path, manifest: Mapping[str, Any], model: ModelOptions, device: torch.device, threads: int = 0) -> Loaded:
     _, weights = _files(model_dir, manifest)
     try:
         program = torch.export.load(str(weights))
     except Exception as err:
         raise ModelLoadError(f"{weights.name} is not a loadable torch.export program: {err}") from err
-    return program.module().to(device)
+    return _on_torch(program.module().to(device), device)
 
 
-LOADERS: dict[str, Loader] = {
-    "eager": load_eager,
-    "int8_dynamic": load_int8_dynamic,
-    "int8_static": load_int8_static,
-    "half": load_half,
-    "onnx": load_onnx,
-    "exported": load_exported,
+Placement = Literal["torch", "cpu", "onnxruntime"]
+
+
+@dataclass(frozen=True)
+class Format:
+    """A model format: its loader and where it may compute.
+
+    ``torch`` follows the worker's device; ``cpu`` never leaves the CPU (torch.ao's quantized
+    kernels cannot take CUDA tensors) and never asks CUDA anything; ``onnxruntime`` is given
+    the worker's GPU and picks its own provider, with inputs handed over on the CPU.
+    """
+
+    load: Loader
+    placement: Placement = "torch"
+
+
+FORMATS: dict[str, Format] = {
+    "eager": Format(load_eager),
+    "int8_dynamic": Format(load_int8_dynamic, "cpu"),
+    "int8_static": Format(load_int8_static, "cpu"),
+    "half": Format(load_half),
+    "onnx": Format(load_onnx, "onnxruntime"),
+    "exported": Format(load_exported),
 }
 
-
-#: Formats whose kernels exist for the CPU only (torch.ao's quantized ops cannot take CUDA
-#: tensors): a GPU worker runs them on its CPU, without touching CUDA.
-CPU_ONLY_FORMATS = frozenset({"int8_dynamic", "int8_static"})
+#: Formats whose kernels exist for the CPU only: a GPU worker runs them on its CPU.
+CPU_ONLY_FORMATS = frozenset(name for name, fmt in FORMATS.items() if fmt.placement == "cpu")
 
 
-def load_model(model_dir: Path, manifest: Mapping[str, Any], model: ModelOptions, device: torch.device, threads: int = 0) -> Model:
+def model_format(name: str) -> Format:
+    """The format ``model.format`` names."""
+    if name not in FORMATS:
+        raise ModelLoadError(f"model.format {name!r} is not one of {sorted(FORMATS)}")
+    return FORMATS[name]
+
+
+def load_model(model_dir: Path, manifest: Mapping[str, Any], model: ModelOptions, device: torch.device, threads: int = 0) -> Loaded:
     """Load the archive's model with the loader its ``model.format`` names.
 
     Args:
@@ -175,6 +237,4 @@ def load_model(model_dir: Path, manifest: Mapping[str, Any], model: ModelOptions
         device: the worker's device.
         threads: torch threads per worker (an ONNX Runtime session gets as many; 0: its default).
     """
-    if model.format not in LOADERS:
-        raise ModelLoadError(f"model.format {model.format!r} is not one of {sorted(LOADERS)}")
-    return LOADERS[model.format](model_dir, manifest, model, device, threads)
+    return model_format(model.format).load(model_dir, manifest, model, device, threads)

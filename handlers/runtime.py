@@ -29,14 +29,21 @@ def machine() -> str:
     return f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, torch {torch.__version__}"
 
 
-def select_device(gpu_id: int | None, cpu_only: bool = False) -> torch.device:
-    """The worker's device: ``cuda:<gpu_id>`` when TorchServe gave it a GPU, else CPU.
+def select_device(gpu_id: int | None, placement: str = "torch") -> tuple[torch.device, str]:
+    """The device a worker gives its model, and why its GPU goes unused, if it does.
 
-    ``cpu_only`` (a format with CPU kernels only) gives the CPU without asking CUDA anything.
+    TorchServe hands a GPU worker ``gpu_id``. A ``cpu`` placement (CPU-only kernels) gets the CPU
+    without asking CUDA anything, so no CUDA context is made; ``onnxruntime`` gets the GPU
+    without torch touching CUDA (ONNX Runtime picks its provider); ``torch`` gets it when
+    this torch has CUDA.
     """
-    if cpu_only or gpu_id is None:
-        return torch.device("cpu")
-    return torch.device(f"cuda:{int(gpu_id)}") if torch.cuda.is_available() else torch.device("cpu")
+    if gpu_id is None:
+        return torch.device("cpu"), ""
+    if placement == "cpu":
+        return torch.device("cpu"), f"GPU {gpu_id} left unused: this format's kernels run on the CPU only"
+    if placement == "onnxruntime" or torch.cuda.is_available():
+        return torch.device(f"cuda:{int(gpu_id)}"), ""
+    return torch.device("cpu"), f"GPU {gpu_id} left unused: this torch ({torch.__version__}) has no CUDA"
 
 
 def default_threads(model_config: Mapping[str, Any]) -> int:

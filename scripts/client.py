@@ -40,9 +40,12 @@ class Registration:
     archive: str
     workers: int
     device: str
+    #: the worker's own line on what computes where, e.g. an int8 model on a GPU worker's CPU
+    runs_with: str = ""
 
     def __str__(self) -> str:
-        return f"registered {self.name} from {self.archive}: {self.workers} {self.device} worker(s) READY"
+        said = f"; it runs with {self.runs_with}" if self.runs_with else ""
+        return f"registered {self.name} from {self.archive}: {self.workers} {self.device} worker(s) READY{said}"
 
 
 def _headers(token: str | None) -> dict[str, str]:
@@ -196,7 +199,8 @@ class Management:
             except ScriptError:
                 pass
             raise ScriptError(f"{err.message}; {name!r} is not registered{reason}") from None
-        return Registration(name, path.name, len(ready), "GPU" if any(w.get("gpu") for w in ready) else "CPU")
+        device_used = "GPU" if any(w.get("gpu") for w in ready) else "CPU"
+        return Registration(name, path.name, len(ready), device_used, placement(run, name, since))
 
     def _run(self) -> RunDir:
         if self.run is None:
@@ -272,14 +276,10 @@ def _log_size(run: RunDir) -> int:
     return log.stat().st_size if log.is_file() else 0
 
 
-def load_failure(run: RunDir, name: str, since: int = 0, wait: float = 3.0) -> str:
-    """The worker's own reason, from the server's model log (after byte ``since``), when it is readable here.
-
-    The first failure is the one quoted: retries after it may fail for reasons of their own.
-    The log is written asynchronously: give it ``wait`` seconds to show the line.
-    """
+def _model_log_says(run: RunDir, marker: str, since: int, wait: float) -> list[str]:
+    """What follows ``marker`` on the model log's lines after byte ``since``; waits up to ``wait``
+    seconds for one (the log is written asynchronously)."""
     log = run.log_dir / "model_log.log"
-    marker = f"Failed to load model {name}, exception "
     deadline = time.monotonic() + wait
     while True:
         text = ""
@@ -287,9 +287,25 @@ def load_failure(run: RunDir, name: str, since: int = 0, wait: float = 3.0) -> s
             with open(log, "rb") as f:
                 f.seek(since)
                 text = f.read().decode(errors="replace")
-        reasons = [line.split(marker, 1)[1].strip() for line in text.splitlines() if marker in line]
-        if reasons:
-            return f"; the worker said: {reasons[0]}"
-        if time.monotonic() > deadline:
-            return f"; see {log}" if log.is_file() else ""
+        found = [line.split(marker, 1)[1].strip() for line in text.splitlines() if marker in line]
+        if found or time.monotonic() > deadline:
+            return found
         time.sleep(0.2)
+
+
+def load_failure(run: RunDir, name: str, since: int = 0, wait: float = 3.0) -> str:
+    """The worker's own reason, from the server's model log (after byte ``since``), when it is readable here.
+
+    The first failure is the one quoted: retries after it may fail for reasons of their own.
+    """
+    reasons = _model_log_says(run, f"Failed to load model {name}, exception ", since, wait)
+    if reasons:
+        return f"; the worker said: {reasons[0]}"
+    log = run.log_dir / "model_log.log"
+    return f"; see {log}" if log.is_file() else ""
+
+
+def placement(run: RunDir, name: str, since: int = 0, wait: float = 2.0) -> str:
+    """What the model's first worker logged about where it computes ("torch float16 on cuda:0"), if readable here."""
+    said = _model_log_says(run, f" model {name} runs with ", since, wait)
+    return said[0] if said else ""

@@ -29,7 +29,7 @@ def ts_manage(run: RunDir, *args: str) -> subprocess.CompletedProcess:
 def registered(server: RunDir) -> RunDir:
     done = ts_manage(server, "register", "net.mar", "--workers", "1", "--batch-size", "1", "--device", "cpu")
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "registered net from net.mar: 1 CPU worker(s) READY"
+    assert done.stdout.strip() == "registered net from net.mar: 1 CPU worker(s) READY; it runs with torch float32 on cpu, 1 torch thread(s)"
     batched = ts_manage(server, "register", "net.mar", "--name", "net_batched", "--workers", "1", "--batch-size", "8", "--max-batch-delay", "200")
     assert batched.returncode == 0, batched.stderr
     return server

@@ -154,3 +154,18 @@ def test_load_failure_quotes_the_first_reason_after_the_mark(tmp_path: Path) -> 
     ))
     assert load_failure(run, "net_onnx", since=len(old)) == "; the worker said: this archive needs onnxruntime"
     assert load_failure(run, "net", since=len(old), wait=0) == f"; see {log}"
+
+
+def test_registration_quotes_where_the_worker_says_it_runs(tmp_path: Path) -> None:
+    from serveready.scripts.client import Registration, placement
+
+    run = RunDir(tmp_path)
+    run.log_dir.mkdir()
+    (run.log_dir / "model_log.log").write_text(
+        "W-9000-net_1.0-stdout MODEL_LOG - serveready 0.3.0 TabularHandler (code in /x): eager model net runs with torch float32 on cpu, 2 torch thread(s)\n"
+        "W-9001-net_int8_1.0-stdout MODEL_LOG - serveready 0.3.0 TabularHandler (code in /x): int8_dynamic model net_int8 runs with "
+        "torch int8 dynamic on cpu, 1 torch thread(s); GPU 0 left unused: this format's kernels run on the CPU only\n")
+    said = placement(run, "net_int8")
+    assert said == "torch int8 dynamic on cpu, 1 torch thread(s); GPU 0 left unused: this format's kernels run on the CPU only"
+    assert str(Registration("net_int8", "net_int8.gpu.mar", 1, "GPU", said)).endswith("1 GPU worker(s) READY; it runs with " + said)
+    assert placement(run, "net") == "torch float32 on cpu, 2 torch thread(s)" and placement(run, "ne", wait=0) == ""

@@ -163,7 +163,91 @@ def test_a_gpu_worker_of_other_formats_asks_for_its_gpu(monkeypatch: pytest.Monk
     from serveready.handlers.runtime import select_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert select_device(1) == torch.device("cuda:1")
-    assert select_device(None) == torch.device("cpu") and select_device(1, cpu_only=True) == torch.device("cpu")
+    assert select_device(1) == (torch.device("cuda:1"), "")
+    assert select_device(None) == (torch.device("cpu"), "")
+    device, note = select_device(1, "cpu")
+    assert device == torch.device("cpu") and note == "GPU 1 left unused: this format's kernels run on the CPU only"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert select_device(1) == torch.device("cpu")  # a host whose torch has no CUDA: the CPU, as before
+    device, note = select_device(1)  # a host whose torch has no CUDA: the CPU, and the log says so
+    assert device == torch.device("cpu") and "has no CUDA" in note
+    assert select_device(1, "onnxruntime") == (torch.device("cuda:1"), "")  # ONNX Runtime decides, torch is not asked
+
+
+def _no_cuda_from_torch(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("torch was asked for CUDA")
+
+    monkeypatch.setattr(torch.cuda, "is_available", refuse)
+    monkeypatch.setattr(torch.cuda, "_lazy_init", refuse)
+
+
+def test_onnx_on_a_gpu_worker_without_the_cuda_provider_runs_on_the_cpu_and_says_so(
+        variant_builds: dict[str, VariantBuild], net_spec: ModelSpec, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On an H100 the batch was moved to cuda:0 (a CUDA context) only to be copied back for ONNX Runtime's CPU provider."""
+    import onnxruntime
+
+    assert "CUDAExecutionProvider" not in onnxruntime.get_available_providers()
+    _no_cuda_from_torch(monkeypatch)
+    folder = unpack(variant_builds["net_onnx"].archive, tmp_path / "onnx")
+    handler, context = TabularHandler(), make_context(folder, 1, gpu=0)
+    handler.initialize(context)
+    assert handler.device == torch.device("cpu") and handler.loaded is not None
+    assert handler.loaded.describe() == (
+        "onnxruntime CPUExecutionProvider on cpu, float32 (GPU 0 left unused: this host's onnxruntime has no CUDAExecutionProvider; "
+        "pip install onnxruntime-gpu (in place of onnxruntime) for ONNX on the GPU)")
+    rows = np.random.default_rng(7).normal(size=(4, 10)).astype(np.float32)
+    [answer] = handled(handler, [{"body": {"inputs": rows.tolist()}}], context)
+    np.testing.assert_allclose(answer["predictions"], reference_net(net_spec.weights, rows), atol=1e-5)
+
+
+def test_onnx_runtime_falling_back_from_the_cuda_provider_is_said(variant_builds: dict[str, VariantBuild], tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A host whose onnxruntime lists CUDAExecutionProvider but cannot start it (here: it has none at all): ONNX Runtime
+    quietly uses the CPU; the worker's log must say so."""
+    import onnxruntime
+
+    from serveready.handlers.loaders import onnx_providers
+
+    providers, note = onnx_providers(torch.device("cuda:1"), ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert providers == [("CUDAExecutionProvider", {"device_id": 1}), "CPUExecutionProvider"] and note == ""
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    real_session = onnxruntime.InferenceSession
+
+    def cuda_fails_to_start(path: str, sess_options: object = None, providers: list | None = None) -> object:
+        # onnxruntime-gpu without its CUDA libraries logs a warning and carries on with the rest of the list.
+        assert providers is not None and providers[0][0] == "CUDAExecutionProvider"
+        return real_session(path, sess_options=sess_options, providers=providers[1:])
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", cuda_fails_to_start)
+    _no_cuda_from_torch(monkeypatch)
+    folder = unpack(variant_builds["digits_onnx"].archive, tmp_path / "onnx")
+    handler, context = ImageClassifierHandler(), make_context(folder, 1, gpu=0)
+    handler.initialize(context)
+    assert handler.loaded is not None and handler.loaded.engine == "onnxruntime CPUExecutionProvider on cpu, float32"
+    assert "CUDAExecutionProvider did not start" in handler.loaded.note
+
+
+def test_a_model_that_cannot_run_where_it_was_put_fails_at_initialize(net_dir: Path) -> None:
+    """Not at its first request: the worker loads, runs a zero batch of sample_shape, and reports the reason."""
+    from serveready.handlers import ModelLoadError
+    from serveready.handlers.loaders import Loaded
+
+    class OnTheWrongDevice(TabularHandler):
+        def load_model(self, model_dir: Path, manifest: dict, device: torch.device) -> Loaded:  # type: ignore[override]
+            def run(batch: torch.Tensor) -> torch.Tensor:
+                raise NotImplementedError("Could not run 'quantized::linear_dynamic' with arguments from the 'CUDA' backend")
+            return Loaded(run, torch.device("cpu"), "torch int8 dynamic on cuda:0")
+
+    with pytest.raises(ModelLoadError, match="the eager model does not run with torch int8 dynamic on cuda:0: Could not run 'quantized::linear_dynamic'"):
+        OnTheWrongDevice().initialize(make_context(net_dir, 1))
+
+
+def test_a_loader_failing_with_any_exception_is_a_load_error(variant_builds: dict[str, VariantBuild], tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch without CUDA raises AssertionError on .to('cuda:0'): TorchServe would restart such a worker forever."""
+    from serveready.handlers import ModelLoadError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    folder = unpack(variant_builds["net_exported"].archive, tmp_path / "exported")
+    with pytest.raises(ModelLoadError, match="the exported model cannot be loaded on cuda:0: Torch not compiled with CUDA enabled"):
+        TabularHandler().initialize(make_context(folder, 1, gpu=0))
