@@ -43,6 +43,8 @@ from . import evaluate
 from .datasets import DataFile
 from .entries import ENTRY_MODULE, HANDLERS_DIR, check_top_level_name
 from .errors import ArchiverError
+from .integrity import normalize
+from .integrity import verify as verify_archive
 from .report import write_report
 from .spec import ModelSpec
 from .training import is_stale
@@ -94,7 +96,14 @@ CONFIG_ENTRY = "model-config.yaml"
 
 def rewrite_model_config(archive: Path, target: Path, change: Callable[[dict[str, Any]], None]) -> Path:
     """Copy ``archive`` to ``target`` with ``change`` applied to its model-config.yaml (TorchServe's
-    register call cannot set the device or handler options: an archive that says them can)."""
+    register call cannot set the device or handler options: an archive that says them can).
+
+    The copy gets its own SHA256SUMS, so ``archive`` must pass its own check first: a changed
+    archive is never laundered into one that passes.
+    """
+    problems = verify_archive(archive)
+    if problems:
+        raise ArchiverError(f"{archive.name} failed its integrity check: {'; '.join(problems[:5])}; rebuild it with ts-archive build")
     with zipfile.ZipFile(archive) as src, zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED) as dst:
         for item in src.infolist():
             data = src.read(item)
@@ -103,6 +112,7 @@ def rewrite_model_config(archive: Path, target: Path, change: Callable[[dict[str
                 change(config)
                 data = yaml.safe_dump(config, sort_keys=False).encode()
             dst.writestr(item, data)
+    normalize(target)
     return target
 
 
@@ -165,6 +175,7 @@ def pack(spec: ModelSpec, store: Path) -> Path:
                 package_model(config, ModelExportUtils.generate_manifest_json(config))
             except (ModelArchiverError, OSError, ValueError) as err:
                 raise ArchiverError(f"{spec.name}: torch-model-archiver failed: {err}") from err
+    normalize(store / spec.archive_name)
     return store / spec.archive_name
 
 
@@ -242,12 +253,13 @@ def inputs(spec: ModelSpec) -> list[Path]:
 
 
 def is_built(spec: ModelSpec, store: Path) -> bool:
-    """True when ``store`` has the spec's archive, newer than everything it is made from; a missing input means rebuild."""
+    """True when ``store`` has the spec's archive, newer than everything it is made from and passing its
+    integrity check (archives from before SHA256SUMS get rebuilt); a missing input means rebuild."""
     archive = Path(store) / spec.archive_name
     if not archive.exists():
         return False
     built = archive.stat().st_mtime
-    return all(p.exists() and p.stat().st_mtime <= built for p in inputs(spec))
+    return all(p.exists() and p.stat().st_mtime <= built for p in inputs(spec)) and not verify_archive(archive)
 
 
 def build_all(specs: list[ModelSpec], store: Path, report_md: Path | None = None, if_stale: bool = False) -> list[Path]:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .build import build_all
 from .errors import ArchiverError
+from .integrity import verify
 from .scaffold import INPUTS, init_config, parse_kwargs
 from .spec import ModelSpec, load_specs
 from .training import is_stale, train
@@ -45,6 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--store", type=Path, default=Path("model_store"), help="output folder (default: %(default)s)")
     b.add_argument("--if-stale", action="store_true", help="skip archives newer than their config, weights and code")
     b.add_argument("--report-md", type=Path, help="Markdown report (default: <store>/report.md; report.json always goes to the store)")
+    v = sub.add_parser("verify", help="check archives offline: every file listed in SHA256SUMS, present and unchanged")
+    v.add_argument("archives", nargs="+", type=Path, help=".mar files")
     u = sub.add_parser("tune", help="measure workers x batch x delay x threads on a real TorchServe and write the best into serve:")
     u.add_argument("name", help="model name (its archive must be built)")
     u.add_argument("--store", type=Path, default=Path("model_store"), help="where NAME.mar is (default: %(default)s)")
@@ -93,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "tune":
             return tune_command(args)
+        if args.command == "verify":
+            return _verify(args.archives)
         specs = load_specs(args.configs, args.names or None)
         if args.command == "train":
             _train(specs, args.if_stale, bool(args.names))
@@ -102,6 +107,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nts-archive: error: {err.message}", file=sys.stderr)
         return 1
     return 0
+
+
+def _verify(archives: list[Path]) -> int:
+    """One line per archive; exit status 1 if any fails."""
+    failed = 0
+    for archive in archives:
+        problems = verify(archive)
+        failed += bool(problems)
+        print(f"{archive}: " + ("FAILED: " + "; ".join(problems) if problems else "ok, every file matches SHA256SUMS"))
+    return 1 if failed else 0
 
 
 def _train(specs: list[ModelSpec], if_stale: bool, named: bool) -> None:

@@ -27,6 +27,7 @@ from serveready import __version__
 from serveready.handlers import BUILTIN_HANDLERS, BatchHandler
 
 from .errors import ArchiverError
+from .integrity import check_source
 
 #: The module TorchServe imports from every archive.
 ENTRY_MODULE = "serveready_entry"
@@ -56,13 +57,26 @@ class HandlerEntry:
         return f'''"""TorchServe's entry point of this archive, written by serveready {__version__}'s archiver.
 
 The handler is {self.module}:{self.class_name}; its options are model-config.yaml's handler: section.
+Before anything else of the archive is imported or loaded, every file is checked against SHA256SUMS.
 """
+
+import os as _os
+
+
+{check_source()}
+
+_problems = unpacked_problems(_os.path.dirname(_os.path.abspath(__file__)))
+del unpacked_problems
+if _problems:
+    # A RuntimeError: TorchServe reports it as the load failure (ts-manage quotes it).
+    raise RuntimeError("this archive failed its integrity check, refusing to load it: " + "; ".join(_problems[:5]))
 
 try:
     from {self.module} import {self.class_name} as _Handler
-except ImportError as err:
-    # Re-raised as a RuntimeError: TorchServe would answer an ImportError by trying its own default handlers.
-    raise RuntimeError(f"this archive's handler {self.module}:{self.class_name} cannot be imported: {{err}}") from err
+except Exception as err:
+    # Re-raised as a RuntimeError: TorchServe would answer an ImportError by trying its own default
+    # handlers, and other errors (a SyntaxError, say) by a dead worker with no reason in its log line.
+    raise RuntimeError(f"this archive's handler {self.module}:{self.class_name} cannot be imported: {{type(err).__name__}}: {{err}}") from err
 
 
 class {self.class_name}(_Handler):

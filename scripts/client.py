@@ -21,6 +21,7 @@ import requests
 import yaml
 
 from serveready.archiver.build import CONFIG_ENTRY, rewrite_model_config
+from serveready.archiver.integrity import verify
 from serveready.handlers.config import DeviceType
 
 from .runinfo import RunDir, ScriptError, TokenKind
@@ -167,6 +168,9 @@ class Management:
         if device is DeviceType.GPU and run.gpus == 0:
             raise ScriptError("GPU workers were asked for, but this server has no GPU (number_of_gpu=0); use --device cpu")
         path = archive_in_store(str(archive), run.model_store)
+        problems = verify(path)
+        if problems:
+            raise ScriptError(f"{path.name} failed its integrity check, not registered: {'; '.join(problems[:5])}; rebuild it with ts-archive build")
         config = archive_config(path)
         if device is not None and config.get("deviceType") != device.value:
             path = retarget_archive(path, device)

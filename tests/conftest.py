@@ -11,6 +11,7 @@ import sys
 import sysconfig
 import textwrap
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,25 @@ def unpack(archive: Path, target: Path) -> Path:
     """An archive unpacked, as TorchServe unpacks it for a worker."""
     with zipfile.ZipFile(archive) as mar:
         mar.extractall(target)
+    return target
+
+
+def repack(archive: Path, target: Path, change: Callable[[dict[str, bytes]], None], resum: bool = True) -> Path:
+    """A copy of ``archive`` with ``change`` applied to its entries (name -> bytes).
+
+    ``resum``: give it fresh SHA256SUMS, as a builder of a bad archive would; without, it is
+    a copy tampered with after the build.
+    """
+    from serveready.archiver.integrity import normalize
+
+    with zipfile.ZipFile(archive) as mar:
+        entries = {info.filename: mar.read(info) for info in mar.infolist()}
+    change(entries)
+    with zipfile.ZipFile(target, "w") as out:
+        for name, data in entries.items():
+            out.writestr(name, data)
+    if resum:
+        normalize(target)
     return target
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import requests
 from serveready.scripts.client import Management
 from serveready.scripts.runinfo import RunDir, ScriptError, TokenKind
 from serveready.scripts.server import free_ports
-from tests.conftest import reference_net
+from tests.conftest import reference_net, repack
 from tests.e2e.conftest import Api
 
 
@@ -196,15 +195,12 @@ def test_an_archive_that_cannot_load_is_reported_and_not_left_registered(registe
     """Its workers would crash-loop forever: ts-manage says why, from the worker's log, and unregisters it."""
     import yaml
 
-    broken = registered.model_store / "broken.mar"
-    with zipfile.ZipFile(registered.model_store / "net.mar") as src, zipfile.ZipFile(broken, "w") as dst:
-        for item in src.infolist():
-            data = src.read(item)
-            if item.filename == "model-config.yaml":
-                config = yaml.safe_load(data)
-                config["model"]["format"] = "tflite"
-                data = yaml.safe_dump(config).encode()
-            dst.writestr(item, data)
+    def tflite(entries: dict[str, bytes]) -> None:
+        config = yaml.safe_load(entries["model-config.yaml"])
+        config["model"]["format"] = "tflite"
+        entries["model-config.yaml"] = yaml.safe_dump(config).encode()
+
+    repack(registered.model_store / "net.mar", registered.model_store / "broken.mar", tflite)
     done = ts_manage(registered, "register", "broken.mar")
     assert done.returncode == 1
     assert "'broken' is not registered; the worker said: model.format 'tflite' is not one of" in done.stderr
