@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from serveready.scripts.client import Management
 from serveready.scripts.runinfo import RunDir, ScriptError
