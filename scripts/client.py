@@ -43,14 +43,65 @@ class Registration:
     device: str
     #: the worker's own line on what computes where, e.g. an int8 model on a GPU worker's CPU
     runs_with: str = ""
+    #: batching that TorchServe cannot keep its promises with (see :func:`batching_note`)
+    note: str = ""
 
     def __str__(self) -> str:
         said = f"; it runs with {self.runs_with}" if self.runs_with else ""
-        return f"registered {self.name} from {self.archive}: {self.workers} {self.device} worker(s) READY{said}"
+        note = f"\nnote: {self.note}" if self.note else ""
+        return f"registered {self.name} from {self.archive}: {self.workers} {self.device} worker(s) READY{said}{note}"
+
+
+def batching_note(batch_size: int, max_batch_delay: int) -> str:
+    """Why waiting to fill batches is a risk with TorchServe 0.12, or "" when it does not wait."""
+    if batch_size <= 1 or max_batch_delay <= 0:
+        return ""
+    return (f"batchSize {batch_size} with maxBatchDelay {max_batch_delay} ms: when a worker dies, TorchServe 0.12 never answers "
+            "the requests its worker was holding while it waited to fill a batch (they hang); maxBatchDelay 0 batches only "
+            "what is queued and loses none (docs/reliability.md)")
 
 
 def _headers(token: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+#: What TorchServe answers (HTTP 400) to a missing, wrong or expired key.
+REFUSED_KEY = "Token Authorization failed"
+
+
+def key_refused(reply: requests.Response) -> bool:
+    return reply.status_code == 400 and REFUSED_KEY in reply.text
+
+
+def refresh_key(run: RunDir, kind: TokenKind) -> str | None:
+    """A new ``kind`` key from TorchServe's token API (the API key does not expire); TorchServe
+    writes it to the run folder's key_file.json, where it is read back.
+
+    Raises:
+        ScriptError: the API key was refused too (the key file is not this server's), or no server answers.
+    """
+    api_key = run.token(TokenKind.API)
+    url = run.management_url.rstrip("/")
+    try:
+        reply = requests.post(f"{url}/token", params={"type": kind.value}, headers=_headers(api_key), timeout=30)
+    except requests.RequestException:
+        raise ScriptError(f"cannot reach TorchServe's management API at {url} to renew the {kind.value} key: is the server running? (ts-server info)") from None
+    if not reply.ok:
+        raise ScriptError(f"the server at {url} refused the {kind.value} key and its token API refused the API key in {run.key_file} "
+                          f"(HTTP {reply.status_code}): is {run.path} the run folder of the server on that port? Restart it with ts-server start")
+    return run.token(kind)
+
+
+def fresh_key(run: RunDir, kind: TokenKind) -> str | None:
+    """The run folder's ``kind`` key, renewed first if the server refuses it (for printed curl lines)."""
+    key = run.token(kind)
+    url = run.inference_url if kind is TokenKind.INFERENCE else run.management_url
+    probe = "/ping" if kind is TokenKind.INFERENCE else "/models"
+    try:
+        reply = requests.get(f"{url.rstrip('/')}{probe}", headers=_headers(key), timeout=10)
+    except requests.RequestException:
+        return key
+    return refresh_key(run, kind) if key_refused(reply) else key
 
 
 def _body(reply: requests.Response) -> Any:
@@ -60,9 +111,13 @@ def _body(reply: requests.Response) -> Any:
         return {}
 
 
-@dataclass(frozen=True)
+@dataclass
 class Management:
-    """TorchServe's management API: register, scale, describe, unregister."""
+    """TorchServe's management API: register, scale, describe, unregister.
+
+    A key refused by the server (expired: keys live ``token_expiration_min``) is renewed once
+    through the token API when the run folder is known, and the call repeated.
+    """
 
     url: str
     token: str | None
@@ -77,23 +132,29 @@ class Management:
     def call(self, method: str, path: str, **params: Any) -> Any:
         """One API call; HTTP and connection errors become one-line ScriptErrors."""
         query = {k: v for k, v in params.items() if v is not None}
-        try:
-            reply = requests.request(method, f"{self.url}{path}", params=query, headers=_headers(self.token), timeout=self.timeout)
-        except requests.ConnectionError:
-            raise ScriptError(f"cannot reach TorchServe's management API at {self.url}: is the server running? (ts-server start)") from None
-        except requests.Timeout:
-            raise ScriptError(f"TorchServe's management API at {self.url} did not answer within {self.timeout:.0f}s") from None
+        reply = self._send(method, path, query)
+        if key_refused(reply) and self.run is not None:
+            self.token = refresh_key(self.run, TokenKind.MANAGEMENT)
+            reply = self._send(method, path, query)
         body = _body(reply)
         if reply.ok:
             return body
         message = body.get("message", reply.text.strip()) if isinstance(body, dict) else reply.text.strip()
-        if reply.status_code == 400 and "Token Authorization failed" in message:
-            raise ScriptError(f"the management token was refused by {self.url} (expired or from another server): {message}")
+        if key_refused(reply):
+            raise ScriptError(f"the management key was refused by {self.url} (expired, or from another server; with --run-dir it is renewed): {message}")
         if reply.status_code == 404:
             raise NotFound(f"{method} {path} failed with HTTP 404: {message}")
         if reply.status_code == 405:
             raise ScriptError(f"{method} {path} is not allowed by the server: is enable_model_api=true in its config.properties?")
         raise ScriptError(f"{method} {path} failed with HTTP {reply.status_code}: {message}")
+
+    def _send(self, method: str, path: str, query: dict[str, Any]) -> requests.Response:
+        try:
+            return requests.request(method, f"{self.url}{path}", params=query, headers=_headers(self.token), timeout=self.timeout)
+        except requests.ConnectionError:
+            raise ScriptError(f"cannot reach TorchServe's management API at {self.url}: is the server running? (ts-server start)") from None
+        except requests.Timeout:
+            raise ScriptError(f"TorchServe's management API at {self.url} did not answer within {self.timeout:.0f}s") from None
 
     def models(self) -> Any:
         return self.call("GET", "/models")
@@ -204,7 +265,9 @@ class Management:
                 pass
             raise ScriptError(f"{err.message}; {name!r} is not registered{reason}") from None
         device_used = "GPU" if any(w.get("gpu") for w in ready) else "CPU"
-        return Registration(name, path.name, len(ready), device_used, placement(run, name, since))
+        batching = self.describe(name)[0]
+        note = batching_note(int(batching.get("batchSize") or 1), int(batching.get("maxBatchDelay") or 0))
+        return Registration(name, path.name, len(ready), device_used, placement(run, name, since), note)
 
     def _run(self) -> RunDir:
         if self.run is None:
@@ -212,17 +275,34 @@ class Management:
         return self.run
 
 
-@dataclass(frozen=True)
+#: Answers a prediction may get while a worker dies and is replaced: "Worker died." (TorchServe
+#: sends 500, or 413/507 after a SIGKILL) and 503 (no worker free yet).
+WORKER_GONE = "Worker died"
+
+
+def worker_gone(reply: requests.Response) -> bool:
+    return reply.status_code == 503 or (reply.status_code in (413, 500, 507) and WORKER_GONE in reply.text)
+
+
+@dataclass
 class Inference:
-    """TorchServe's inference API with the current inference key."""
+    """TorchServe's inference API with the current inference key.
+
+    Predictions are idempotent: one that met a dying worker is sent again (``retries`` times,
+    after ``backoff`` seconds, doubling), and a refused key is renewed once when the run
+    folder is known.
+    """
 
     url: str
     token: str | None
     timeout: float = 60.0
+    run: RunDir | None = None
+    retries: int = 3
+    backoff: float = 0.05
 
     @classmethod
     def from_run(cls, run: RunDir, timeout: float = 60.0) -> Inference:
-        return cls(run.inference_url.rstrip("/"), run.token(TokenKind.INFERENCE), timeout)
+        return cls(run.inference_url.rstrip("/"), run.token(TokenKind.INFERENCE), timeout, run)
 
     def headers(self, content_type: str) -> dict[str, str]:
         """Request headers: the content type and, when token authorization is on, the key."""
@@ -230,12 +310,27 @@ class Inference:
 
     def post(self, model: str, body: bytes, content_type: str, endpoint: str = "predictions") -> requests.Response:
         """POST ``body`` to ``/<endpoint>/<model>``; a server that cannot be reached or does not answer is a ScriptError."""
+        path = f"{endpoint}/{model}"
+        reply = self._send(path, body, content_type)
+        if key_refused(reply) and self.run is not None:
+            self.token = refresh_key(self.run, TokenKind.INFERENCE)
+            reply = self._send(path, body, content_type)
+        wait = self.backoff
+        for _ in range(self.retries):
+            if not worker_gone(reply):
+                break
+            time.sleep(wait)
+            wait *= 2
+            reply = self._send(path, body, content_type)
+        return reply
+
+    def _send(self, path: str, body: bytes, content_type: str) -> requests.Response:
         try:
-            return requests.post(f"{self.url}/{endpoint}/{model}", data=body, headers=self.headers(content_type), timeout=self.timeout)
+            return requests.post(f"{self.url}/{path}", data=body, headers=self.headers(content_type), timeout=self.timeout)
         except requests.ConnectionError:
             raise ScriptError(f"cannot reach TorchServe at {self.url}: is the server running? (ts-server start)") from None
         except requests.Timeout:
-            raise ScriptError(f"TorchServe at {self.url} did not answer {endpoint}/{model} within {self.timeout:g}s (the model's responseTimeout, or a busy server)") from None
+            raise ScriptError(f"TorchServe at {self.url} did not answer {path} within {self.timeout:g}s (the model's responseTimeout, or a busy server)") from None
 
 
 def archive_config(archive: Path) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import requests
 
-from .client import Management
+from .client import Management, fresh_key
 from .runinfo import RunDir, ScriptError, TokenKind
 
 DEFAULT_RUN_DIR = Path("run/default")
@@ -196,7 +196,7 @@ def info(run_dir: Path) -> str:
     run = RunDir(Path(run_dir).resolve())
     if _pid(run) is None:
         raise ScriptError(f"no TorchServe running from {run.path}: ts-server start --run-dir {run.path}")
-    key = run.token(TokenKind.INFERENCE)
+    key = fresh_key(run, TokenKind.INFERENCE)
     auth = f"-H 'Authorization: Bearer {key}' " if key else ""
     url = run.inference_url
     try:

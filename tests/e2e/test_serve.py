@@ -31,6 +31,7 @@ def registered(server: RunDir) -> RunDir:
     assert done.stdout.strip() == "registered net from net.mar: 1 CPU worker(s) READY; it runs with torch float32 on cpu, 1 torch thread(s)"
     batched = ts_manage(server, "register", "net.mar", "--name", "net_batched", "--workers", "1", "--batch-size", "8", "--max-batch-delay", "200")
     assert batched.returncode == 0, batched.stderr
+    assert "\nnote: batchSize 8 with maxBatchDelay 200 ms: when a worker dies, TorchServe 0.12 never answers" in batched.stdout
     return server
 
 

@@ -169,3 +169,10 @@ def test_registration_quotes_where_the_worker_says_it_runs(tmp_path: Path) -> No
     assert said == "torch int8 dynamic on cpu, 1 torch thread(s); GPU 0 left unused: this format's kernels run on the CPU only"
     assert str(Registration("net_int8", "net_int8.gpu.mar", 1, "GPU", said)).endswith("1 GPU worker(s) READY; it runs with " + said)
     assert placement(run, "net") == "torch float32 on cpu, 2 torch thread(s)" and placement(run, "ne", wait=0) == ""
+
+
+def test_batching_that_waits_is_flagged() -> None:
+    from serveready.scripts.client import batching_note
+
+    assert batching_note(1, 100) == "" and batching_note(8, 0) == ""
+    assert batching_note(8, 20).startswith("batchSize 8 with maxBatchDelay 20 ms: when a worker dies")

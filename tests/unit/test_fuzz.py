@@ -1,0 +1,110 @@
+"""Property-based fuzzing of both handlers' request parsing through TorchServe's own Context.
+
+Whatever a careless or hostile client sends (any JSON value, as TorchServe hands it over after
+decoding application/json; any byte string; anything that starts like an image), its request
+gets a prediction or a 4xx with a message, never a 5xx; the good request beside it in the same
+batch is answered as usual, and ``handle`` never raises (which would fail the whole batch).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from serveready.handlers.image_classifier import ImageClassifierHandler
+from serveready.handlers.tabular import TabularHandler
+from tests.conftest import make_context
+
+FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+
+scalars = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20)
+json_values = st.recursive(
+    scalars, lambda inner: st.lists(inner, max_size=12) | st.dictionaries(st.sampled_from(["inputs", "image", "k", "x", ""]) | st.text(max_size=6), inner, max_size=4),
+    max_leaves=80,
+)
+#: documents shaped like ours, with anything inside
+our_shape = st.fixed_dictionaries({"inputs": json_values}, optional={"k": json_values, "image": json_values})
+#: numeric grids of odd shapes and values (NaN, inf, huge, negative)
+grids = st.lists(st.lists(st.floats() | st.integers(min_value=-(10**30), max_value=10**30), max_size=12), max_size=12)
+image_heads = st.sampled_from([b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff\xe0", b"GIF89a", b"BM", b"RIFF\x00\x00\x00\x00WEBP", b"II*\x00", b"{", b" {"])
+
+
+@st.composite
+def pictures(draw: st.DrawFn) -> bytes:
+    """Real images of odd sizes and modes, some cut short."""
+    mode = draw(st.sampled_from(["1", "L", "LA", "P", "RGB", "RGBA", "I", "F", "CMYK"]))
+    size = (draw(st.integers(1, 300)), draw(st.integers(1, 300)))
+    fmt = draw(st.sampled_from(["PNG", "TIFF", "GIF", "BMP"]))
+    buffer = io.BytesIO()
+    try:
+        Image.new(mode, size, draw(st.integers(0, 255))).save(buffer, fmt)
+    except (OSError, ValueError, KeyError):
+        Image.new("L", size).save(buffer, "PNG")
+    data = buffer.getvalue()
+    return data[: draw(st.integers(1, len(data)))] if draw(st.booleans()) else data
+
+
+bodies = (
+    json_values
+    | our_shape
+    | st.fixed_dictionaries({"inputs": grids})
+    | st.binary(max_size=300)
+    | st.builds(lambda head, tail: head + tail, image_heads, st.binary(max_size=200))
+    | pictures()
+    | json_values.map(lambda v: json.dumps(v).encode())
+    | st.text(max_size=50).map(str.encode)
+)
+
+
+def _check_batch(handler: Any, context: Any, fuzzed: Any, good: Any) -> None:
+    answers = handler.handle([{"body": fuzzed}, {"body": good}], context)
+    assert len(answers) == 2
+    status = context.get_response_status(0)[0] or 200
+    body = answers[0]
+    assert status == 200 or 400 <= status < 500, (status, body)
+    if status != 200:
+        message = json.loads(body)["message"]
+        assert isinstance(message, str) and message
+    assert (context.get_response_status(1)[0] or 200) == 200, answers[1]
+    assert "predictions" in json.loads(answers[1])
+
+
+@pytest.fixture
+def tabular(net_dir: Path):  # noqa: ANN201
+    handler = TabularHandler()
+    context = make_context(net_dir, 2)
+    handler.initialize(context)
+    return handler, context
+
+
+@pytest.fixture
+def digits(digits_dir: Path):  # noqa: ANN201
+    handler = ImageClassifierHandler()
+    context = make_context(digits_dir, 2)
+    handler.initialize(context)
+    return handler, context
+
+
+@FUZZ
+@given(body=bodies)
+def test_tabular_answers_any_request_with_a_prediction_or_a_4xx(tabular, body: Any) -> None:  # noqa: ANN001
+    handler, context = tabular
+    for idx in range(2):
+        context.set_response_status(200, "OK", idx)
+    _check_batch(handler, context, body, {"inputs": [0.1] * 10})
+
+
+@FUZZ
+@given(body=bodies)
+def test_digits_answer_any_request_with_a_prediction_or_a_4xx(digits, body: Any) -> None:  # noqa: ANN001
+    handler, context = digits
+    for idx in range(2):
+        context.set_response_status(200, "OK", idx)
+    _check_batch(handler, context, body, {"inputs": [[0] * 8] * 8})
