@@ -123,17 +123,21 @@ class Management:
     token: str | None
     run: RunDir | None = None
     timeout: float = 60.0
+    #: renew a refused key through the run folder's token API (keys read from its key file)
+    renew: bool = True
 
     @classmethod
     def from_run(cls, run: RunDir, url: str | None = None, token: str | None = None) -> Management:
         """The management API of the server started from ``run`` (``url``/``token`` override what its files say)."""
-        return cls((url or run.management_url).rstrip("/"), token if token is not None else run.token(TokenKind.MANAGEMENT), run)
+        if token is not None:  # the caller's own key: refused is refused, never swapped for the key file's
+            return cls((url or run.management_url).rstrip("/"), token, run, renew=False)
+        return cls((url or run.management_url).rstrip("/"), run.token(TokenKind.MANAGEMENT), run)
 
     def call(self, method: str, path: str, **params: Any) -> Any:
         """One API call; HTTP and connection errors become one-line ScriptErrors."""
         query = {k: v for k, v in params.items() if v is not None}
         reply = self._send(method, path, query)
-        if key_refused(reply) and self.run is not None:
+        if key_refused(reply) and self.run is not None and self.renew:
             self.token = refresh_key(self.run, TokenKind.MANAGEMENT)
             reply = self._send(method, path, query)
         body = _body(reply)
@@ -141,7 +145,7 @@ class Management:
             return body
         message = body.get("message", reply.text.strip()) if isinstance(body, dict) else reply.text.strip()
         if key_refused(reply):
-            raise ScriptError(f"the management key was refused by {self.url} (expired, or from another server; with --run-dir it is renewed): {message}")
+            raise ScriptError(f"the management key was refused by {self.url} (expired, or another server's; keys read from the run folder are renewed, a key given with --token is not): {message}")
         if reply.status_code == 404:
             raise NotFound(f"{method} {path} failed with HTTP 404: {message}")
         if reply.status_code == 405:

@@ -146,7 +146,7 @@ def test_unknown_model_wrong_token_and_down_server_are_one_line(registered: RunD
     unknown = ts_manage(registered, "describe", "nope")
     assert (unknown.returncode, unknown.stderr) == (1, "ts-manage: error: GET /models/nope failed with HTTP 404: Model not found: nope\n")
     token = ts_manage(registered, "--token", "wrong", "list")
-    assert token.returncode == 1 and token.stderr.startswith("ts-manage: error: the management token was refused")
+    assert token.returncode == 1 and token.stderr.startswith("ts-manage: error: the management key was refused")
     [port] = free_ports(1)
     down = ts_manage(registered, "--url", f"http://127.0.0.1:{port}", "list")
     assert down.returncode == 1 and down.stderr.startswith("ts-manage: error: cannot reach TorchServe's management API")
