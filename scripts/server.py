@@ -45,6 +45,10 @@ class ServerConfig:
     grpc_management_port: int = 7071
     gpus: int = 0
     token_expiration_min: int = 60
+    # 8 MiB each way (TorchServe's default is 6,553,500 bytes): a 12-megapixel JPEG base64-encoded in
+    # JSON fits, and so do a 3x224x224 image's attributions as JSON; larger requests get 413.
+    max_request_size: int = 8 * 2**20
+    max_response_size: int = 8 * 2**20
     # Prometheus counters and latencies at GET metrics_address/metrics, not log lines per request.
     metrics_mode: str = "prometheus"
     # The log4j2 configuration: ours (lean, see log4j2.xml), "" for TorchServe's default, or a file.
@@ -72,6 +76,8 @@ class ServerConfig:
             "default_workers_per_model": "1",
             "install_py_dep_per_model": "false",
             "metrics_mode": self.metrics_mode,
+            "max_request_size": str(self.max_request_size),
+            "max_response_size": str(self.max_response_size),
         }
         return "".join(f"{k}={v}\n" for k, v in lines.items())
 
@@ -256,6 +262,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--grpc-management-port", type=int, default=_port("TS_GRPC_MANAGEMENT_PORT", 7071), help="(default: %(default)s, env TS_GRPC_MANAGEMENT_PORT)")
     s.add_argument("--gpus", type=int, default=None, help="GPUs TorchServe may use (default: all torch sees)")
     s.add_argument("--token-expiration-min", type=int, default=60, help="lifetime of the API keys (default: %(default)s)")
+    s.add_argument("--max-request-size", type=int, default=8 * 2**20, help="bytes; larger requests get 413 (default: %(default)s)")
+    s.add_argument("--max-response-size", type=int, default=8 * 2**20, help="bytes a worker may answer (default: %(default)s)")
     s.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for /ping (default: %(default)s)")
     s.add_argument("--log-config", type=lambda v: Path(v) if v else None, default=LEAN_LOG_CONFIG,
                    help="log4j2 configuration (default: this library's lean one, see docs/tuning.md; \"\" for TorchServe's own)")
@@ -285,6 +293,8 @@ def main(argv: list[str] | None = None) -> int:
             grpc_management_port=args.grpc_management_port,
             gpus=detect_gpus() if args.gpus is None else args.gpus,
             token_expiration_min=args.token_expiration_min,
+            max_request_size=args.max_request_size,
+            max_response_size=args.max_response_size,
             metrics_mode=args.metrics_mode,
             log_config=args.log_config,
         )

@@ -116,3 +116,13 @@ def test_a_server_that_is_down_says_what_to_do(short_keys: RunDir, tmp_path: Pat
     done = ts_manage(gone, "list")
     assert done.returncode == 1 and "cannot reach TorchServe's management API at http://127.0.0.1:9: is the server running? (ts-server start)" in done.stderr
     assert isinstance(Management.from_run(short_keys).models(), dict)
+
+
+def test_a_request_over_the_size_limit_gets_413_and_the_server_serves_on(short_keys: RunDir) -> None:
+    limit = int(short_keys.properties()["max_request_size"])
+    assert limit == 8 * 2**20
+    api = Inference.from_run(short_keys)
+    api.token = refresh_key(short_keys, TokenKind.INFERENCE)
+    too_big = api.post("net", b'{"inputs": [' + b"0," * (limit // 2) + b"0]}", "application/json")
+    assert too_big.status_code == 413
+    assert api.post("net", json.dumps(ROW).encode(), "application/json").status_code == 200
