@@ -116,6 +116,11 @@ def _torchserve() -> str:
 def _env(run: RunDir) -> dict[str, str]:
     env = dict(os.environ)
     env.update(TMPDIR=str(run.tmp_dir), LOG_LOCATION=str(run.log_dir), METRICS_LOCATION=str(run.log_dir))
+    # TEMP becomes Java's java.io.tmpdir (TorchServe's launcher passes it on): archives are unpacked
+    # under it (models/<id>) and workers' sockets live there, private to this server instead of
+    # /tmp shared by all. A Unix socket path has at most 107 bytes: a deep run folder keeps /tmp.
+    if len(str(run.tmp_dir.resolve() / ".ts.sock.65535")) <= 107:
+        env["TEMP"] = str(run.tmp_dir.resolve())
     home = java_home()
     if home:
         env["JAVA_HOME"] = home
