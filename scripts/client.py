@@ -149,7 +149,8 @@ class Management:
         if reply.status_code == 404:
             raise NotFound(f"{method} {path} failed with HTTP 404: {message}")
         if reply.status_code == 405:
-            raise ScriptError(f"{method} {path} is not allowed by the server: is enable_model_api=true in its config.properties?")
+            raise ScriptError(f"{method} {path} is not allowed by the server: its model API is off (enable_model_api=false in its "
+                              "config.properties); a server started with ts-server start has it on")
         raise ScriptError(f"{method} {path} failed with HTTP {reply.status_code}: {message}")
 
     def _send(self, method: str, path: str, query: dict[str, Any]) -> requests.Response:

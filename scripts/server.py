@@ -45,6 +45,8 @@ class ServerConfig:
     grpc_management_port: int = 7071
     gpus: int = 0
     token_expiration_min: int = 60
+    # the management API's register/unregister calls (off: TorchServe answers them 405)
+    model_api: bool = True
     # 8 MiB each way (TorchServe's default is 6,553,500 bytes): a 12-megapixel JPEG base64-encoded in
     # JSON fits, and so do a 3x224x224 image's attributions as JSON; larger requests get 413.
     max_request_size: int = 8 * 2**20
@@ -68,7 +70,7 @@ class ServerConfig:
             "grpc_inference_port": str(self.grpc_inference_port),
             "grpc_management_port": str(self.grpc_management_port),
             "model_store": str(store),
-            "enable_model_api": "true",
+            "enable_model_api": str(self.model_api).lower(),
             "disable_token_authorization": "false",
             "token_expiration_min": str(self.token_expiration_min),
             "allowed_urls": allowed,

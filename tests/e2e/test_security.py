@@ -126,3 +126,15 @@ def test_a_request_over_the_size_limit_gets_413_and_the_server_serves_on(short_k
     too_big = api.post("net", b'{"inputs": [' + b"0," * (limit // 2) + b"0]}", "application/json")
     assert too_big.status_code == 413
     assert api.post("net", json.dumps(ROW).encode(), "application/json").status_code == 200
+
+
+def test_a_server_with_the_model_api_off_says_so(net_archive: Path, tmp_path: Path) -> None:
+    (tmp_path / "store").mkdir()
+    shutil.copy(net_archive, tmp_path / "store")
+    run = start(dataclasses.replace(isolated(tmp_path / "run", tmp_path / "store"), model_api=False))
+    try:
+        done = ts_manage(run, "register", "net.mar")
+        assert done.returncode == 1
+        assert "POST /models is not allowed by the server: its model API is off (enable_model_api=false" in done.stderr, done.stderr
+    finally:
+        stop(run.path)

@@ -64,6 +64,8 @@ bodies = (
 
 
 def _check_batch(handler: Any, context: Any, fuzzed: Any, good: Any) -> None:
+    for idx in range(2):  # the context is reused between examples
+        context.set_response_status(200, "OK", idx)
     answers = handler.handle([{"body": fuzzed}, {"body": good}], context)
     assert len(answers) == 2
     status = context.get_response_status(0)[0] or 200
@@ -76,35 +78,29 @@ def _check_batch(handler: Any, context: Any, fuzzed: Any, good: Any) -> None:
     assert "predictions" in json.loads(answers[1])
 
 
-@pytest.fixture
-def tabular(net_dir: Path):  # noqa: ANN201
-    handler = TabularHandler()
-    context = make_context(net_dir, 2)
+def _ready(handler: Any, folder: Path) -> tuple[Any, Any]:
+    context = make_context(folder, 2)
     handler.initialize(context)
     return handler, context
 
 
 @pytest.fixture
-def digits(digits_dir: Path):  # noqa: ANN201
-    handler = ImageClassifierHandler()
-    context = make_context(digits_dir, 2)
-    handler.initialize(context)
-    return handler, context
+def tabular(net_dir: Path) -> tuple[Any, Any]:
+    return _ready(TabularHandler(), net_dir)
+
+
+@pytest.fixture
+def digits(digits_dir: Path) -> tuple[Any, Any]:
+    return _ready(ImageClassifierHandler(), digits_dir)
 
 
 @FUZZ
 @given(body=bodies)
-def test_tabular_answers_any_request_with_a_prediction_or_a_4xx(tabular, body: Any) -> None:  # noqa: ANN001
-    handler, context = tabular
-    for idx in range(2):
-        context.set_response_status(200, "OK", idx)
-    _check_batch(handler, context, body, {"inputs": [0.1] * 10})
+def test_tabular_answers_any_request_with_a_prediction_or_a_4xx(tabular: tuple[Any, Any], body: Any) -> None:
+    _check_batch(*tabular, body, {"inputs": [0.1] * 10})
 
 
 @FUZZ
 @given(body=bodies)
-def test_digits_answer_any_request_with_a_prediction_or_a_4xx(digits, body: Any) -> None:  # noqa: ANN001
-    handler, context = digits
-    for idx in range(2):
-        context.set_response_status(200, "OK", idx)
-    _check_batch(handler, context, body, {"inputs": [[0] * 8] * 8})
+def test_digits_answer_any_request_with_a_prediction_or_a_4xx(digits: tuple[Any, Any], body: Any) -> None:
+    _check_batch(*digits, body, {"inputs": [[0] * 8] * 8})
