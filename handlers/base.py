@@ -36,8 +36,9 @@ from typing import Any, ClassVar
 
 import torch
 
+from . import protocols
 from .config import HandlerOptions, ModelOptions, parse
-from .errors import ExplanationsUnavailable, HandlerError, ModelLoadError
+from .errors import ExplanationsUnavailable, HandlerError, InvalidInput, ModelLoadError
 from .loaders import Loaded, Model, load_model, model_format
 from .runtime import default_threads, limit_threads, quiet_per_batch_log, select_device
 
@@ -59,6 +60,18 @@ class Decoded:
     rows: torch.Tensor
     options: dict[str, Any] = field(default_factory=dict)
     explain: bool = False
+    #: which protocol it came in (and is answered in): the handler's own JSON, KServe v1 or v2
+    protocol: str = protocols.OWN
+    #: a v2 request's "id", echoed
+    request_id: Any = None
+
+
+@dataclass(frozen=True)
+class Refused:
+    """One request that cannot be served, and the protocol its error answer takes."""
+
+    error: HandlerError
+    protocol: str = protocols.OWN
 
 
 class BatchHandler:
@@ -104,6 +117,8 @@ class BatchHandler:
         config = dict(context.model_yaml_config or {})
         self.options, self.model_options = self.read_options(config)
         self.model_dir = Path(properties["model_dir"])
+        self.model_name = str(getattr(context, "model_name", "") or "")
+        self.model_version = ((context.manifest or {}).get("model") or {}).get("modelVersion")
         limit_threads(self.options.torch_threads or default_threads(config))
         quiet_per_batch_log()
         gpu_id = properties.get("gpu_id")
@@ -151,29 +166,63 @@ class BatchHandler:
         """One request's explanation: its usual answer plus per-input attributions."""
         return {**self.encode(item, outputs), "attributions": attributions.tolist()}
 
+    def decode_instances(self, instances: list[Any], headers: Mapping[str, str]) -> Decoded:
+        """A KServe v1 request's ``instances`` into rows (raise InvalidInput if they are wrong)."""
+        raise InvalidInput(f"{type(self).__name__} does not take KServe v1 requests")
+
+    def decode_tensor(self, tensor: protocols.Tensor, headers: Mapping[str, str]) -> Decoded:
+        """An Open Inference Protocol (v2) request's input tensor into rows (raise InvalidInput if it is wrong)."""
+        raise InvalidInput(f"{type(self).__name__} does not take Open Inference Protocol (v2) requests")
+
+    def encode_v1(self, item: Decoded, outputs: torch.Tensor) -> Any:
+        """A KServe v1 answer: ``{"predictions": [one per instance]}``."""
+        return self.encode(item, outputs)
+
+    def v2_outputs(self, item: Decoded, outputs: torch.Tensor) -> list[dict[str, Any]]:
+        """A v2 answer's output tensors: the model's outputs, one row per input row."""
+        return [protocols.v2_output("predictions", outputs)]
+
     def explain_target(self, outputs: torch.Tensor) -> torch.Tensor | int:
         """Which output to attribute: the predicted class for classifiers, output 0 otherwise."""
         return outputs.argmax(dim=1) if outputs.shape[1] > 1 else 0
 
     # -- the lifecycle -----------------------------------------------------
-    def preprocess(self, data: Sequence[Mapping[str, Any]], context: Any = None) -> list[Decoded | HandlerError]:
+    def preprocess(self, data: Sequence[Mapping[str, Any]], context: Any = None) -> list[Decoded | Refused]:
         """Decode every request; a bad one becomes its error (400, or 500 for a fault of ours), not the batch's failure."""
-        decoded: list[Decoded | HandlerError] = []
+        decoded: list[Decoded | Refused] = []
         for idx, request in enumerate(data):
             headers = RequestHeaders(context, idx)
+            protocol = protocols.announced(headers)
             try:
-                item = self.decode(request, headers)
+                protocol, document = protocols.sniff(request, headers)
+                item = self._decode(protocol, document, request, headers)
             except HandlerError as err:
-                decoded.append(err)
+                decoded.append(Refused(err, protocol))
                 continue
             except Exception:
                 # A fault in decoding code, not the client's: log it, fail this request alone.
                 logger.exception("decoding request %d failed", idx)
-                decoded.append(HandlerError("this request could not be decoded: internal error, see the model log"))
+                decoded.append(Refused(HandlerError("this request could not be decoded: internal error, see the model log"), protocol))
                 continue
             item.explain = _explain_asked(context, idx)
             decoded.append(item)
         return decoded
+
+    def _decode(self, protocol: str, document: Any, request: Mapping[str, Any], headers: Mapping[str, str]) -> Decoded:
+        if protocol == protocols.V1:
+            item = self.decode_instances(protocols.v1_instances(document, self.max_instances), headers)
+        elif protocol == protocols.V2:
+            item = self.decode_tensor(protocols.v2_input(document), headers)
+            item.request_id = document.get("id")
+        else:  # the body parsed once: hand the document on, not the bytes again
+            item = self.decode(request if document is None else {"body": document}, headers)
+        item.protocol = protocol
+        return item
+
+    @property
+    def max_instances(self) -> int:
+        """The most inputs one KServe v1 request may carry."""
+        return int(getattr(self.options, "max_rows", 64))
 
     def inference(self, batch: torch.Tensor) -> torch.Tensor:
         """One forward pass over the rows of every good request in the batch."""
@@ -199,8 +248,15 @@ class BatchHandler:
         return outputs, attributions.detach().float().cpu()
 
     def postprocess(self, items: Sequence[Decoded], outputs: Sequence[torch.Tensor]) -> list[Any]:
-        """Encode each request's own rows."""
-        return [self.encode(item, rows) for item, rows in zip(items, outputs, strict=True)]
+        """Encode each request's own rows, in the protocol it came in."""
+        return [self._encode(item, rows) for item, rows in zip(items, outputs, strict=True)]
+
+    def _encode(self, item: Decoded, rows: torch.Tensor) -> Any:
+        if item.protocol == protocols.V2:
+            return protocols.v2_response(self.model_name, self.model_version, item.request_id, self.v2_outputs(item, rows))
+        if item.protocol == protocols.V1:
+            return self.encode_v1(item, rows)
+        return self.encode(item, rows)
 
     def handle(self, data: Sequence[Mapping[str, Any]], context: Any) -> list[Any]:
         """TorchServe's entry point: exactly one answer per request, in order; JSON answers as compact UTF-8 bytes.
@@ -220,8 +276,8 @@ class BatchHandler:
         decoded = self.preprocess(data, context)
         answers: list[Any] = [None] * len(decoded)
         for idx, item in enumerate(decoded):
-            if isinstance(item, HandlerError):
-                answers[idx] = _fail(context, idx, item)
+            if isinstance(item, Refused):
+                answers[idx] = _fail(context, idx, item.error, item.protocol)
         for explain in (False, True):
             group = [i for i, item in enumerate(decoded) if isinstance(item, Decoded) and item.explain is explain]
             if not group:
@@ -232,7 +288,7 @@ class BatchHandler:
                     answers[i] = body
             except ExplanationsUnavailable as err:
                 for i in group:
-                    answers[i] = _fail(context, i, err)
+                    answers[i] = _fail(context, i, err, decoded[i].protocol)
         return answers
 
     def _run(self, items: list[Decoded], explain: bool) -> list[Any]:
@@ -260,10 +316,10 @@ def error_body(err: HandlerError) -> dict[str, Any]:
     return {"code": err.status, "type": type(err).__name__, "message": err.message}
 
 
-def _fail(context: Any, idx: int, err: HandlerError) -> dict[str, Any]:
+def _fail(context: Any, idx: int, err: HandlerError, protocol: str = protocols.OWN) -> dict[str, Any]:
     if context is not None:
         context.set_response_status(err.status, err.message, idx)
-    return error_body(err)
+    return protocols.v2_error(err.message) if protocol == protocols.V2 else error_body(err)
 
 
 def _say_json(context: Any, idx: int) -> None:

@@ -10,6 +10,12 @@ Request, one image each:
     an ``X-Top-K: 5`` request header also sets k (the only way for a raw image body).
 Response: {"predictions": [{"class": "cat", "index": 3, "probability": 0.98}, ...]}  top k.
 /explanations adds "input" (what the model saw) and "attributions" (same shape).
+
+KServe v1: {"instances": [each {"b64": "<base64 PNG/JPEG>"}, a base64 string, or an "inputs" value]}
+    -> {"predictions": [top k per instance]}.
+Open Inference Protocol v2: one input, BYTES of shape [n] (PNG/JPEG files: base64 strings in JSON,
+raw bytes with the binary extension) or numbers of shape [n, *the "inputs" shape]
+    -> output "probabilities", FP32 of shape [n, classes].
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from typing import Any
 
 import torch
 
+from . import protocols
 from .base import BatchHandler, Decoded
 from .config import ImageOptions, ModelOptions
 from .errors import ConfigError, InvalidInput, ModelLoadError
@@ -31,6 +38,8 @@ from .payload import decode_json, parse_array, parse_rows, request_body
 INK_MAX = 16.0
 #: Raw image bodies carry k in this header (TorchServe 0.12 drops query strings of predictions).
 TOP_K_HEADER = "x-top-k"
+#: the most images one KServe v1 or v2 request may carry
+MAX_IMAGES = 64
 
 
 class ImageClassifierHandler(BatchHandler):
@@ -87,15 +96,48 @@ class ImageClassifierHandler(BatchHandler):
             rows = self._image(decode_base64(document["image"])) if "image" in document else self._inputs(document["inputs"])
         return Decoded(rows.reshape(1, *self.input_shape), {"k": self._k(k)})
 
+    def decode_instances(self, instances: list[Any], headers: Mapping[str, str]) -> Decoded:
+        rows = [self._instance(i, value) for i, value in enumerate(instances)]
+        return Decoded(torch.stack(rows), {"k": self._k(headers.get(TOP_K_HEADER))})
+
+    def decode_tensor(self, tensor: protocols.Tensor, headers: Mapping[str, str]) -> Decoded:
+        limit = self.max_instances
+        if tensor.shape[0] > limit or tensor.shape[0] == 0:
+            raise InvalidInput(f"v2: input {tensor.name!r} must hold 1 to {limit} images, its shape is {list(tensor.shape)}")
+        if tensor.numbers is None:
+            if len(tensor.shape) != 1:
+                raise InvalidInput(f"v2: input {tensor.name!r} of BYTES must have shape [images], got {list(tensor.shape)}")
+            rows = [self._image(data).reshape(self.input_shape) for data in tensor.items]
+        else:
+            rows = [self._inputs(image.tolist()).reshape(self.input_shape) for image in tensor.numbers]
+        return Decoded(torch.stack(rows), {"k": self._k(headers.get(TOP_K_HEADER))})
+
     def encode(self, item: Decoded, outputs: torch.Tensor) -> dict[str, Any]:
-        probabilities = torch.softmax(outputs[0], dim=0)
-        top = torch.topk(probabilities, item.options["k"])
-        return {
-            "predictions": [
-                {"class": self.names[i], "index": i, "probability": p}
-                for p, i in zip(top.values.tolist(), top.indices.tolist(), strict=True)
-            ]
-        }
+        return {"predictions": self._top(outputs[0], item.options["k"])}
+
+    def encode_v1(self, item: Decoded, outputs: torch.Tensor) -> dict[str, Any]:
+        return {"predictions": [self._top(row, item.options["k"]) for row in outputs]}
+
+    def v2_outputs(self, item: Decoded, outputs: torch.Tensor) -> list[dict[str, Any]]:
+        return [protocols.v2_output("probabilities", torch.softmax(outputs, dim=1))]
+
+    @property
+    def max_instances(self) -> int:
+        return MAX_IMAGES
+
+    def _top(self, logits: torch.Tensor, k: int) -> list[dict[str, Any]]:
+        top = torch.topk(torch.softmax(logits, dim=0), k)
+        return [{"class": self.names[i], "index": i, "probability": p} for p, i in zip(top.values.tolist(), top.indices.tolist(), strict=True)]
+
+    def _instance(self, index: int, value: Any) -> torch.Tensor:
+        """One KServe v1 instance: {"b64": ...} or a base64 string (an image file), or an "inputs" value."""
+        if isinstance(value, dict) and "b64" in value:
+            value = value["b64"]
+        elif isinstance(value, dict):
+            raise InvalidInput(f'KServe v1: instance {index} is an object without "b64"; send {{"b64": "<base64 PNG/JPEG>"}}')
+        if isinstance(value, str):
+            return self._image(decode_base64(value)).reshape(self.input_shape)
+        return self._inputs(value).reshape(self.input_shape)
 
     def encode_explanation(self, item: Decoded, outputs: torch.Tensor, attributions: torch.Tensor) -> dict[str, Any]:
         shape = (GRID, GRID) if self.options.preprocess == "digits" else self.input_shape
