@@ -47,6 +47,8 @@ class ServerConfig:
     token_expiration_min: int = 60
     # the management API's register/unregister calls (off: TorchServe answers them 405)
     model_api: bool = True
+    # the Open Inference Protocol's health and server-metadata routes (/v2/health/live, /v2/health/ready)
+    open_inference_protocol: bool = True
     # 8 MiB each way (TorchServe's default is 6,553,500 bytes): a 12-megapixel JPEG base64-encoded in
     # JSON fits, and so do a 3x224x224 image's attributions as JSON; larger requests get 413.
     max_request_size: int = 8 * 2**20
@@ -78,6 +80,7 @@ class ServerConfig:
             "default_workers_per_model": "1",
             "install_py_dep_per_model": "false",
             "metrics_mode": self.metrics_mode,
+            "ts_open_inference_protocol": str(self.open_inference_protocol).lower(),
             "max_request_size": str(self.max_request_size),
             "max_response_size": str(self.max_response_size),
         }

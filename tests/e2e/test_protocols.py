@@ -1,0 +1,93 @@
+"""KServe v1 and Open Inference Protocol v2 on a real TorchServe, with a real third-party client (tritonclient)."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import numpy as np
+import pytest
+import requests
+import tritonclient.http as triton
+from tritonclient.utils import InferenceServerException
+
+from serveready.archiver.datasets import load_digits_split
+from serveready.scripts.runinfo import RunDir, TokenKind
+from tests.conftest import reference_net, render_digit
+from tests.e2e.conftest import Api
+
+ROWS = np.random.default_rng(17).normal(size=(4, 10)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def served(server: RunDir) -> RunDir:
+    from tests.e2e.test_serve import ts_manage
+
+    for name in ("net", "digits"):
+        done = ts_manage(server, "register", f"{name}.mar", "--name", f"oip_{name}")
+        assert done.returncode == 0, done.stderr
+    return server
+
+
+def _key(run: RunDir) -> dict[str, str]:
+    return {"Authorization": f"Bearer {run.token(TokenKind.INFERENCE)}"}
+
+
+def _client(run: RunDir) -> triton.InferenceServerClient:
+    return triton.InferenceServerClient(url=run.inference_url.removeprefix("http://"))
+
+
+def test_kserve_v1_and_v2_paths_reach_the_handler(served: RunDir, net_spec) -> None:  # noqa: ANN001
+    url, key = served.inference_url, _key(served)
+    v1 = requests.post(f"{url}/v1/models/oip_net:predict", json={"instances": ROWS.tolist()}, headers=key, timeout=30)
+    assert v1.status_code == 200, v1.text
+    np.testing.assert_allclose(v1.json()["predictions"], reference_net(net_spec.weights, ROWS), atol=1e-5)
+    body = {"id": "a1", "inputs": [{"name": "rows", "shape": [4, 10], "datatype": "FP32", "data": ROWS.flatten().tolist()}]}
+    v2 = requests.post(f"{url}/v2/models/oip_net/infer", json=body, headers=key, timeout=30)
+    assert v2.status_code == 200, v2.text
+    answer = v2.json()
+    assert (answer["model_name"], answer["id"], answer["outputs"][0]["shape"]) == ("oip_net", "a1", [4, 1])
+    bad = requests.post(f"{url}/v2/models/oip_net/infer", json={"inputs": [{"name": "rows", "shape": [1, 3], "datatype": "FP32", "data": [1, 2, 3]}]},
+                        headers=key, timeout=30)
+    assert bad.status_code == 400 and bad.json() == {"error": "v2: input 'rows' must be numbers of shape [rows, 10] (or [10]), got FP32 [1, 3]"}
+    health = requests.get(f"{url}/v2/health/ready", headers=key, timeout=30)
+    assert health.status_code == 200 and health.json() == {"ready": True}
+
+
+@pytest.mark.parametrize("binary", [True, False])
+def test_tritonclient_infers_net_like_our_json_api(served: RunDir, binary: bool) -> None:
+    client, key = _client(served), _key(served)
+    assert client.is_server_live(headers=key) and client.is_server_ready(headers=key)
+    rows = triton.InferInput("rows", list(ROWS.shape), "FP32")
+    rows.set_data_from_numpy(ROWS, binary_data=binary)
+    result = client.infer("oip_net", [rows], headers=key, request_id="r-1")
+    ours = Api(served).predict("oip_net", json.dumps({"inputs": ROWS.tolist()}))
+    np.testing.assert_allclose(result.as_numpy("predictions"), np.array(ours.json()["predictions"]), rtol=1e-6)
+    assert result.get_response()["id"] == "r-1"
+
+
+@pytest.mark.parametrize("binary", [True, False])
+def test_tritonclient_classifies_digit_images_like_our_json_api(served: RunDir, binary: bool) -> None:
+    client, key = _client(served), _key(served)
+    split = load_digits_split(0, 0.2)
+    pngs = [render_digit((split.x_test[i, 0] * 16).numpy(), (40, 40)) for i in range(3)]
+    # BYTES: raw files with the binary extension, base64 strings in JSON
+    images = triton.InferInput("image", [3], "BYTES")
+    images.set_data_from_numpy(np.array(pngs if binary else [base64.b64encode(p) for p in pngs], dtype=np.object_), binary_data=binary)
+    probabilities = client.infer("oip_digits", [images], headers=key).as_numpy("probabilities")
+    assert probabilities.shape == (3, 10)
+    ours = [Api(served).predict("oip_digits", png, content_type="image/png").json()["predictions"][0] for png in pngs]
+    assert probabilities.argmax(axis=1).tolist() == [p["index"] for p in ours]
+    np.testing.assert_allclose(probabilities.max(axis=1), [p["probability"] for p in ours], rtol=1e-4)
+
+
+def test_tritonclient_reads_our_errors_and_what_torchserve_does_not_serve(served: RunDir) -> None:
+    client, key = _client(served), _key(served)
+    wrong = triton.InferInput("rows", [1, 3], "FP32")
+    wrong.set_data_from_numpy(np.zeros((1, 3), dtype=np.float32), binary_data=False)
+    with pytest.raises(InferenceServerException, match=r"v2: input 'rows' must be numbers of shape \[rows, 10\]"):
+        client.infer("oip_net", [wrong], headers=key)
+    # TorchServe 0.12 has no v2 model metadata route (its OIP handler serves health and server metadata only)
+    with pytest.raises(InferenceServerException):
+        client.get_model_metadata("oip_net", headers=key)
+    assert client.get_server_metadata(headers=key)["name"] == "Torchserve"
