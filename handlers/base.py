@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +37,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from . import protocols
+from . import observe, protocols
 from .config import HandlerOptions, ModelOptions, parse
 from .errors import ExplanationsUnavailable, HandlerError, InvalidInput, ModelLoadError
 from .loaders import Loaded, Model, load_model, model_format
@@ -264,40 +265,56 @@ class BatchHandler:
         TorchServe would encode a dict itself with ``json.dumps(indent=2)``, the pure-Python
         encoder: that was most of the handler's time per request for a small model.
         """
-        answers = self.answers(data, context)
+        stats = observe.BatchStats()
+        answers = self.answers(data, context, stats)
+        began = time.perf_counter()
         for idx, body in enumerate(answers):
             if isinstance(body, (dict, list)):
                 answers[idx] = json.dumps(body, separators=(",", ":")).encode()
                 _say_json(context, idx)
+        stats.timed("postprocess", began)
+        observe.emit(context, stats)
         return answers
 
-    def answers(self, data: Sequence[Mapping[str, Any]], context: Any = None) -> list[Any]:
+    def answers(self, data: Sequence[Mapping[str, Any]], context: Any = None, stats: observe.BatchStats | None = None) -> list[Any]:
         """One answer per request, in order, as Python objects (``handle`` without the JSON encoding)."""
+        stats = stats or observe.BatchStats()
+        began = time.perf_counter()
         decoded = self.preprocess(data, context)
+        stats.timed("preprocess", began)
         answers: list[Any] = [None] * len(decoded)
         for idx, item in enumerate(decoded):
             if isinstance(item, Refused):
-                answers[idx] = _fail(context, idx, item.error, item.protocol)
+                answers[idx] = _fail(context, idx, item.error, item.protocol, stats)
         for explain in (False, True):
             group = [i for i, item in enumerate(decoded) if isinstance(item, Decoded) and item.explain is explain]
             if not group:
                 continue
             items = [decoded[i] for i in group]
             try:
-                for i, body in zip(group, self._run(items, explain), strict=True):
+                for i, body in zip(group, self._run(items, explain, stats), strict=True):
                     answers[i] = body
             except ExplanationsUnavailable as err:
                 for i in group:
-                    answers[i] = _fail(context, i, err, decoded[i].protocol)
+                    answers[i] = _fail(context, i, err, decoded[i].protocol, stats)
         return answers
 
-    def _run(self, items: list[Decoded], explain: bool) -> list[Any]:
+    def _run(self, items: list[Decoded], explain: bool, stats: observe.BatchStats) -> list[Any]:
         sizes = [item.rows.shape[0] for item in items]
         batch = torch.cat([item.rows for item in items])
+        stats.rows += batch.shape[0]
         try:
             if not explain:
-                return self.postprocess(items, torch.split(self.inference(batch), sizes))
+                began = time.perf_counter()
+                outputs = self.inference(batch)
+                stats.timed("inference", began)
+                began = time.perf_counter()
+                encoded = self.postprocess(items, torch.split(outputs, sizes))
+                stats.timed("postprocess", began)
+                return encoded
+            began = time.perf_counter()
             outputs, attributions = self.attribute(batch)
+            stats.timed("explain", began)
         except HandlerError:
             raise
         except Exception as err:
@@ -316,7 +333,9 @@ def error_body(err: HandlerError) -> dict[str, Any]:
     return {"code": err.status, "type": type(err).__name__, "message": err.message}
 
 
-def _fail(context: Any, idx: int, err: HandlerError, protocol: str = protocols.OWN) -> dict[str, Any]:
+def _fail(context: Any, idx: int, err: HandlerError, protocol: str = protocols.OWN, stats: observe.BatchStats | None = None) -> dict[str, Any]:
+    if stats is not None:
+        stats.refused[(err.status, type(err).__name__)] += 1
     if context is not None:
         context.set_response_status(err.status, err.message, idx)
     return protocols.v2_error(err.message) if protocol == protocols.V2 else error_body(err)

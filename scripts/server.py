@@ -80,6 +80,8 @@ class ServerConfig:
             "default_workers_per_model": "1",
             "install_py_dep_per_model": "false",
             "metrics_mode": self.metrics_mode,
+            # the handlers' own counters (serveready_batches_total, ...) appear without a metrics.yaml of ours
+            "model_metrics_auto_detect": "true",
             "ts_open_inference_protocol": str(self.open_inference_protocol).lower(),
             "max_request_size": str(self.max_request_size),
             "max_response_size": str(self.max_response_size),

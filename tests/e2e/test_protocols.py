@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 
 import numpy as np
 import pytest
@@ -91,3 +92,29 @@ def test_tritonclient_reads_our_errors_and_what_torchserve_does_not_serve(served
     with pytest.raises(InferenceServerException):
         client.get_model_metadata("oip_net", headers=key)
     assert client.get_server_metadata(headers=key)["name"] == "Torchserve"
+
+
+def test_the_metrics_endpoint_has_torchserves_and_the_handlers_counters(served: RunDir) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    api = Api(served)
+    for _ in range(3):
+        assert api.predict("oip_net", json.dumps({"inputs": ROWS.tolist()})).status_code == 200
+    assert api.predict("oip_net", '{"inputs": [1, 2]}').status_code == 400
+    metrics_url = served.properties()["metrics_address"]
+    samples: dict[tuple[str, frozenset], float] = {}
+    for _ in range(50):  # the worker's metric lines reach the frontend asynchronously
+        text = requests.get(f"{metrics_url}/metrics", timeout=30).text
+        samples = {(s.name, frozenset(s.labels.items())): s.value for family in text_string_to_metric_families(text) for s in family.samples}
+        if any(name == "serveready_refused_total" and ("ModelName", "oip_net") in labels for name, labels in samples):
+            break
+        time.sleep(0.2)
+
+    def value(name: str, **labels: str) -> float:
+        return sum(v for (n, ls), v in samples.items() if n == name and set(labels.items()) <= ls)
+
+    assert value("ts_inference_requests_total") >= 4
+    assert value("serveready_batches_total", ModelName="oip_net") >= 4
+    assert value("serveready_rows_total", ModelName="oip_net") >= 3 * len(ROWS)
+    assert value("serveready_stage_ms_total", ModelName="oip_net", Stage="inference") > 0
+    assert value("serveready_refused_total", ModelName="oip_net", Status="400", Error="InvalidInput") >= 1

@@ -53,6 +53,7 @@ def pictures(draw: st.DrawFn) -> bytes:
 
 bodies = (
     json_values
+    | st.deferred(lambda: v2_bodies)
     | our_shape
     | st.fixed_dictionaries({"inputs": grids})
     | st.binary(max_size=300)
@@ -72,10 +73,17 @@ def _check_batch(handler: Any, context: Any, fuzzed: Any, good: Any) -> None:
     body = answers[0]
     assert status == 200 or 400 <= status < 500, (status, body)
     if status != 200:
-        message = json.loads(body)["message"]
+        document = json.loads(body)
+        message = document["error"] if set(document) == {"error"} else document["message"]  # v2's error shape, or ours
         assert isinstance(message, str) and message
     assert (context.get_response_status(1)[0] or 200) == 200, answers[1]
     assert "predictions" in json.loads(answers[1])
+
+
+v2_bodies = st.fixed_dictionaries({"inputs": st.lists(st.dictionaries(st.sampled_from(["name", "shape", "datatype", "data", "parameters"]),
+                                                                      json_values | st.sampled_from(["FP32", "BYTES", "INT64", "BOOL"]),
+                                                                      max_size=5), min_size=1, max_size=2)},
+                                  optional={"id": json_values, "instances": json_values})
 
 
 def _ready(handler: Any, folder: Path) -> tuple[Any, Any]:

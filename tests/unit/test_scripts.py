@@ -30,6 +30,7 @@ def test_config_properties_have_the_safe_defaults(tmp_path: Path) -> None:
     assert props["number_of_gpu"] == "0" and props["install_py_dep_per_model"] == "false"
     assert (props["grpc_inference_address"], props["grpc_management_address"]) == ("127.0.0.1", "127.0.0.1")
     assert props["max_request_size"] == props["max_response_size"] == str(8 * 2**20) and props["token_expiration_min"] == "60"
+    assert props["ts_open_inference_protocol"] == props["model_metrics_auto_detect"] == "true"
 
 
 def test_lean_log_config_is_valid_and_quiet() -> None:
