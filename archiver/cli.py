@@ -48,6 +48,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--report-md", type=Path, help="Markdown report (default: <store>/report.md; report.json always goes to the store)")
     v = sub.add_parser("verify", help="check archives offline: every file listed in SHA256SUMS, present and unchanged")
     v.add_argument("archives", nargs="+", type=Path, help=".mar files")
+    x = sub.add_parser("triton", help="export models as a Triton model repository (<out>/<name>/config.pbtxt, 1/model.onnx)")
+    x.add_argument("names", nargs="*", help="model names (default: every fp32 config)")
+    x.add_argument("--out", type=Path, default=Path("triton_repository"), help="the repository folder (default: %(default)s)")
     u = sub.add_parser("tune", help="measure workers x batch x delay x threads on a real TorchServe and write the best into serve:")
     u.add_argument("name", help="model name (its archive must be built)")
     u.add_argument("--store", type=Path, default=Path("model_store"), help="where NAME.mar is (default: %(default)s)")
@@ -99,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "verify":
             return _verify(args.archives)
         specs = load_specs(args.configs, args.names or None)
+        if args.command == "triton":
+            return _triton(specs, args.out, bool(args.names))
         if args.command == "train":
             _train(specs, args.if_stale, bool(args.names))
         else:
@@ -106,6 +111,18 @@ def main(argv: list[str] | None = None) -> int:
     except ArchiverError as err:
         print(f"\nts-archive: error: {err.message}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _triton(specs: list[ModelSpec], out: Path, named: bool) -> int:
+    """Export each spec (without names: the models that are no variant), a progress line each."""
+    from .triton import export
+
+    chosen = specs if named else [s for s in specs if s.base is None]
+    for i, spec in enumerate(chosen, 1):
+        print(f"[{i}/{len(chosen)}] {spec.name}: exporting ONNX ... ", end="", file=sys.stderr, flush=True)
+        print(export(spec, out), file=sys.stderr)
+    print(f"Triton model repository: {out} (tritonserver --model-repository {out})")
     return 0
 
 

@@ -240,19 +240,24 @@ def _batch_dim() -> Any:
     return torch.export.Dim("batch", min=1, max=65536)
 
 
-def derive_onnx(spec: ModelSpec, fp32: nn.Module) -> None:
+def onnx_bytes(name: str, model: nn.Module, sample_shape: tuple[int, ...]) -> bytes:
+    """``model`` as a checked ONNX file: input "input", output "output", a dynamic batch dimension."""
     try:
         import onnx
         import onnxscript  # noqa: F401  (torch.onnx's exporter needs it)
     except ImportError:
-        raise ArchiverError(f"{spec.name}: ONNX variants need the onnx extra: pip install 'serveready[onnx]'") from None
+        raise ArchiverError(f"{name}: ONNX export needs the onnx extra: pip install 'serveready[onnx]'") from None
     buffer = io.BytesIO()
     with quiet_quantization():
-        torch.onnx.export(fp32, (torch.zeros(spec.sample_shape),), buffer, input_names=["input"], output_names=["output"],
+        torch.onnx.export(model, (torch.zeros(sample_shape),), buffer, input_names=["input"], output_names=["output"],
                           dynamo=True, dynamic_shapes=({0: _batch_dim()},), verbose=False)
     proto = onnx.load_from_string(buffer.getvalue())
     onnx.checker.check_model(proto, full_check=True)
-    spec.weights.write_bytes(buffer.getvalue())
+    return buffer.getvalue()
+
+
+def derive_onnx(spec: ModelSpec, fp32: nn.Module) -> None:
+    spec.weights.write_bytes(onnx_bytes(spec.name, fp32, spec.sample_shape))
 
 
 def derive_exported(spec: ModelSpec, fp32: nn.Module) -> None:
