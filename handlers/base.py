@@ -193,17 +193,18 @@ class BatchHandler:
         decoded: list[Decoded | Refused] = []
         for idx, request in enumerate(data):
             headers = RequestHeaders(context, idx)
-            protocol = protocols.announced(headers)
+            protocol = ""
             try:
                 protocol, document = protocols.sniff(request, headers)
                 item = self._decode(protocol, document, request, headers)
             except HandlerError as err:
-                decoded.append(Refused(err, protocol))
+                # A body that could not be read says its protocol only by header (v2's binary extension).
+                decoded.append(Refused(err, protocol or protocols.announced(headers)))
                 continue
             except Exception:
                 # A fault in decoding code, not the client's: log it, fail this request alone.
                 logger.exception("decoding request %d failed", idx)
-                decoded.append(Refused(HandlerError("this request could not be decoded: internal error, see the model log"), protocol))
+                decoded.append(Refused(HandlerError("this request could not be decoded: internal error, see the model log"), protocol or protocols.OWN))
                 continue
             item.explain = _explain_asked(context, idx)
             decoded.append(item)
@@ -273,7 +274,8 @@ class BatchHandler:
                 answers[idx] = json.dumps(body, separators=(",", ":")).encode()
                 _say_json(context, idx)
         stats.timed("postprocess", began)
-        observe.emit(context, stats)
+        if self.options.metrics:
+            observe.emit(context, stats)
         return answers
 
     def answers(self, data: Sequence[Mapping[str, Any]], context: Any = None, stats: observe.BatchStats | None = None) -> list[Any]:

@@ -212,6 +212,7 @@ class HandlerOptions:
 
     torch_threads: int | None = option(None, minimum=1, doc="torch threads per worker; default: cores / maxWorkers")
     ig_steps: int = option(50, minimum=1, maximum=10_000, doc="Integrated Gradients steps for /explanations")
+    metrics: bool = option(True, doc="the handler's own Prometheus counters (about 25 us per batch)")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -64,11 +64,10 @@ def sniff(request: Any, headers: Any) -> tuple[str, Any]:
         InvalidInput: the body cannot be read, or a v2 binary request is malformed.
     """
     body = request_body(request)
-    length = headers.get(BINARY_HEADER)
-    if length is not None:
-        return V2, _binary_document(body, length)
-    if isinstance(body, dict):
+    if isinstance(body, dict):  # TorchServe decoded application/json: no binary extension (and no header lookup)
         document = body
+    elif (length := headers.get(BINARY_HEADER)) is not None:
+        return V2, _binary_document(body, length)
     elif isinstance(body, (bytes, bytearray, str)) and (body[:64].lstrip()[:1] in (b"{", "{")):
         document = decode_json(body)
     else:
@@ -111,9 +110,10 @@ def v2_input(document: dict[str, Any]) -> Tensor:
     count = math.prod(shape)
     if count > MAX_ELEMENTS:
         raise InvalidInput(f"v2: input {name!r} declares {count} values, more than the limit of {MAX_ELEMENTS}")
-    if datatype not in NUMERIC and datatype != BYTES:
+    if not isinstance(datatype, str) or (datatype not in NUMERIC and datatype != BYTES):
         raise InvalidInput(f'v2: input {name!r} has datatype {json.dumps(datatype)[:20]}; this model takes {", ".join([*NUMERIC, BYTES])}')
     binary = spec.get("_binary")
+    binary = binary if isinstance(binary, bytes) else None  # set by _binary_document only: JSON has no bytes
     if datatype == BYTES:
         items = _bytes_items(binary) if binary is not None else _json_bytes(spec.get("data"), name)
         if len(items) != count:
