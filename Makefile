@@ -14,7 +14,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# torch first, pinned: a bare `torch` would pull a multi-GB CUDA build.
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[$(JAVA_EXTRA)onnx,explain,examples,bench,dev]'
+	$(BIN)/pip install --quiet -e '.[$(JAVA_EXTRA)onnx,explain,examples,bench,sign,dev]'
 	touch $@
 
 train: setup

@@ -17,6 +17,7 @@ from .build import build_all
 from .errors import ArchiverError
 from .integrity import verify
 from .scaffold import INPUTS, init_config, parse_kwargs
+from .signing import generate_key, sign, signature_problems
 from .spec import ModelSpec, load_specs
 from .training import is_stale, train
 from .tuning import tune_command
@@ -48,6 +49,12 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--report-md", type=Path, help="Markdown report (default: <store>/report.md; report.json always goes to the store)")
     v = sub.add_parser("verify", help="check archives offline: every file listed in SHA256SUMS, present and unchanged")
     v.add_argument("archives", nargs="+", type=Path, help=".mar files")
+    v.add_argument("--public-key", type=Path, help="also check each NAME.mar.sig with this Ed25519 public key")
+    k = sub.add_parser("keygen", help="make an Ed25519 key pair for signing archives: KEY (private, mode 600) and KEY.pub")
+    k.add_argument("key", type=Path)
+    g = sub.add_parser("sign", help="sign archives: NAME.mar.sig beside each")
+    g.add_argument("archives", nargs="+", type=Path, help=".mar files")
+    g.add_argument("--key", type=Path, required=True, help="the private key (ts-archive keygen)")
     x = sub.add_parser("triton", help="export models as a Triton model repository (<out>/<name>/config.pbtxt, 1/model.onnx)")
     x.add_argument("names", nargs="*", help="model names (default: every fp32 config)")
     x.add_argument("--out", type=Path, default=Path("triton_repository"), help="the repository folder (default: %(default)s)")
@@ -100,7 +107,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "tune":
             return tune_command(args)
         if args.command == "verify":
-            return _verify(args.archives)
+            return _verify(args.archives, args.public_key)
+        if args.command == "keygen":
+            private, public = generate_key(args.key)
+            print(f"wrote {private} (private: keep it on the build machine) and {public} (give it to the servers)")
+            return 0
+        if args.command == "sign":
+            for archive in args.archives:
+                print(f"{archive}: signed, {sign(archive, args.key)}")
+            return 0
         specs = load_specs(args.configs, args.names or None)
         if args.command == "triton":
             return _triton(specs, args.out, bool(args.names))
@@ -126,13 +141,14 @@ def _triton(specs: list[ModelSpec], out: Path, named: bool) -> int:
     return 0
 
 
-def _verify(archives: list[Path]) -> int:
+def _verify(archives: list[Path], public_key: Path | None = None) -> int:
     """One line per archive; exit status 1 if any fails."""
     failed = 0
     for archive in archives:
-        problems = verify(archive)
+        problems = verify(archive) + (signature_problems(archive, public_key) if public_key else [])
         failed += bool(problems)
-        print(f"{archive}: " + ("FAILED: " + "; ".join(problems) if problems else "ok, every file matches SHA256SUMS"))
+        signed = f" and its signature verifies with {public_key}" if public_key else ""
+        print(f"{archive}: " + ("FAILED: " + "; ".join(problems) if problems else f"ok, every file matches SHA256SUMS{signed}"))
     return 1 if failed else 0
 
 

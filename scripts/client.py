@@ -21,7 +21,9 @@ import requests
 import yaml
 
 from serveready.archiver.build import CONFIG_ENTRY, rewrite_model_config
+from serveready.archiver.errors import ArchiverError
 from serveready.archiver.integrity import verify
+from serveready.archiver.signing import signature_problems
 from serveready.handlers.config import DeviceType
 
 from .runinfo import RunDir, ScriptError, TokenKind
@@ -216,9 +218,11 @@ class Management:
         response_timeout: int | None = None,
         device: DeviceType | None = None,
         timeout: float = 120.0,
+        public_key: Path | None = None,
     ) -> Registration:
         """Register an archive from the server's model store and wait until ``workers`` workers are READY.
 
+        ``public_key``: refuse the archive unless its ``.sig`` verifies with that key.
         ``workers``, ``batch_size``, ``max_batch_delay`` and ``response_timeout`` default to the
         archive's model-config.yaml (its ``serve:`` section, as tuned).
 
@@ -237,6 +241,13 @@ class Management:
         problems = verify(path)
         if problems:
             raise ScriptError(f"{path.name} failed its integrity check, not registered: {'; '.join(problems[:5])}; rebuild it with ts-archive build")
+        if public_key is not None:
+            try:
+                problems = signature_problems(path, public_key)
+            except ArchiverError as err:
+                raise ScriptError(err.message) from None
+            if problems:
+                raise ScriptError(f"{path.name} is refused, not registered: {'; '.join(problems)}")
         config = archive_config(path)
         if device is not None and config.get("deviceType") != device.value:
             path = retarget_archive(path, device)

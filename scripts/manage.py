@@ -37,6 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--batch-size", type=int, help="TorchServe batch size (default: the archive's)")
     r.add_argument("--max-batch-delay", type=int, help="ms to wait to fill a batch (default: the archive's)")
     r.add_argument("--response-timeout", type=int, help="seconds a worker may take per batch")
+    r.add_argument("--public-key", type=Path, help="refuse the archive unless NAME.mar.sig beside it verifies with this Ed25519 key (ts-archive sign)")
     r.add_argument("--device", choices=[d.value for d in DeviceType], help="worker device (default: the archive's deviceType)")
     s = sub.add_parser("scale", help="set the number of workers and wait for them")
     s.add_argument("name")
@@ -59,7 +60,8 @@ def run(args: argparse.Namespace) -> str:
     management = Management.from_run(RunDir(args.run_dir.resolve()), url=args.url, token=args.token)
     if args.command == "register":
         device = DeviceType(args.device) if args.device else None
-        return str(management.register(args.archive, args.name, args.workers, args.batch_size, args.max_batch_delay, args.response_timeout, device, args.timeout))
+        return str(management.register(args.archive, args.name, args.workers, args.batch_size, args.max_batch_delay, args.response_timeout, device,
+                                       args.timeout, args.public_key))
     if args.command == "scale":
         return management.scale(args.name, args.min, args.max, args.timeout)
     if args.command == "unregister":

@@ -129,3 +129,25 @@ def test_a_malicious_pickle_as_weights_is_refused_and_never_runs(net_archive: Pa
     with pytest.raises(ModelLoadError, match="net.pt is not a loadable state_dict"):
         TabularHandler().initialize(make_context(folder, 1))
     assert not marker.exists()
+
+
+def test_signed_archives_verify_and_changed_or_foreign_ones_do_not(net_archive: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from serveready.archiver import ArchiverError
+    from serveready.archiver.signing import generate_key, sign, signature_problems
+
+    private, public = generate_key(tmp_path / "keys" / "archive")
+    assert private.stat().st_mode & 0o777 == 0o600 and public.name == "archive.pub"
+    with pytest.raises(ArchiverError, match="exists: keys are never overwritten"):
+        generate_key(private)
+    archive = Path(shutil.copy(net_archive, tmp_path / "net.mar"))
+    assert signature_problems(archive, public) == ["it is not signed: no net.mar.sig beside it (ts-archive sign)"]
+    assert sign(archive, private) == tmp_path / "net.mar.sig"
+    assert signature_problems(archive, public) == []
+    assert ts_archive(["verify", str(archive), "--public-key", str(public)]) == 0
+    _, other = generate_key(tmp_path / "keys" / "other")
+    assert "does not match" in signature_problems(archive, other)[0]
+    repack(net_archive, archive, _flip_weights)  # changed and re-summed, as an attacker would: the signature still catches it
+    assert verify(archive) == [] and "does not match" in signature_problems(archive, public)[0]
+    assert ts_archive(["verify", str(archive), "--public-key", str(public)]) == 1
