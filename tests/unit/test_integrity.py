@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import io
+import pickle
 import sys
 import zipfile
 from pathlib import Path
@@ -121,8 +122,9 @@ def malicious_weights(marker: Path) -> bytes:
 def test_a_malicious_pickle_as_weights_is_refused_and_never_runs(net_archive: Path, tmp_path: Path) -> None:
     """Consistent sums (its builder was the attacker): weights_only loading must still refuse it."""
     marker = tmp_path / "pwned"
-    torch.load(io.BytesIO(malicious_weights(tmp_path / "proof")), weights_only=False)
-    assert (tmp_path / "proof").exists()  # loaded without weights_only, it does run
+    with zipfile.ZipFile(io.BytesIO(malicious_weights(tmp_path / "proof"))) as saved:  # unpickled as an unsafe torch load would
+        pickle.loads(saved.read(next(n for n in saved.namelist() if n.endswith("data.pkl"))))
+    assert (tmp_path / "proof").exists()  # the payload does run when unpickled
     hostile = repack(net_archive, tmp_path / "hostile.mar", lambda e: e.update({"net.pt": malicious_weights(marker)}))
     assert verify(hostile) == []
     folder = unpack(hostile, tmp_path / "hostile")
