@@ -280,7 +280,7 @@ class BatchHandler:
 
     def answers(self, data: Sequence[Mapping[str, Any]], context: Any = None, stats: observe.BatchStats | None = None) -> list[Any]:
         """One answer per request, in order, as Python objects (``handle`` without the JSON encoding)."""
-        stats = stats or observe.BatchStats()
+        stats = observe.BatchStats() if stats is None else stats
         began = time.perf_counter()
         decoded = self.preprocess(data, context)
         stats.timed("preprocess", began)
