@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,10 @@ from serveready.handlers.image_classifier import ImageClassifierHandler
 from serveready.handlers.tabular import TabularHandler
 from tests.conftest import make_context
 
-FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+# Derandomized: CI runs the same 300 examples each time (a new find must not fail an unrelated change);
+# explore with FUZZ_EXAMPLES=5000 pytest tests/unit/test_fuzz.py (random examples, a new seed each run).
+FUZZ = settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", "300")), deadline=None, derandomize="FUZZ_EXAMPLES" not in os.environ,
+                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 scalars = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20)
 json_values = st.recursive(
