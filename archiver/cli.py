@@ -58,6 +58,19 @@ def _parser() -> argparse.ArgumentParser:
     x = sub.add_parser("triton", help="export models as a Triton model repository (<out>/<name>/config.pbtxt, 1/model.onnx)")
     x.add_argument("names", nargs="*", help="model names (default: every fp32 config)")
     x.add_argument("--out", type=Path, default=Path("triton_repository"), help="the repository folder (default: %(default)s)")
+    e = sub.add_parser("kserve", help="write KServe storage trees (config/, model-store/) and InferenceService manifests")
+    e.add_argument("names", nargs="*", help="model names (default: every model that is no variant)")
+    e.add_argument("--store", type=Path, default=Path("model_store"), help="where the built archives are (default: %(default)s)")
+    e.add_argument("--out", type=Path, default=Path("kserve"), help="one folder per model goes here (default: %(default)s)")
+    e.add_argument("--protocol", choices=["v1", "v2"], default="v1", help="KServe protocol (default: %(default)s)")
+    e.add_argument("--storage-uri", default="pvc://models", help="where the trees will live; each model's is <uri>/<name> (default: %(default)s)")
+    e.add_argument("--gpu", action="store_true", help="ask for one nvidia.com/gpu per replica")
+    e.add_argument("--cpu", default="1", help="CPU request and limit (default: %(default)s)")
+    e.add_argument("--memory", default="2Gi", help="memory request and limit (default: %(default)s)")
+    e.add_argument("--min-replicas", type=int, default=1)
+    e.add_argument("--max-replicas", type=int, default=1)
+    e.add_argument("--canary", type=int, help="canaryTrafficPercent for a rollout of a new revision")
+    e.add_argument("--namespace", help="metadata.namespace of the manifests")
     u = sub.add_parser("tune", help="measure workers x batch x delay x threads on a real TorchServe and write the best into serve:")
     u.add_argument("name", help="model name (its archive must be built)")
     u.add_argument("--store", type=Path, default=Path("model_store"), help="where NAME.mar is (default: %(default)s)")
@@ -119,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
         specs = load_specs(args.configs, args.names or None)
         if args.command == "triton":
             return _triton(specs, args.out, bool(args.names))
+        if args.command == "kserve":
+            return _kserve(specs, args, bool(args.names))
         if args.command == "train":
             _train(specs, args.if_stale, bool(args.names))
         else:
@@ -138,6 +153,18 @@ def _triton(specs: list[ModelSpec], out: Path, named: bool) -> int:
         print(f"[{i}/{len(chosen)}] {spec.name}: exporting ONNX ... ", end="", file=sys.stderr, flush=True)
         print(export(spec, out), file=sys.stderr)
     print(f"Triton model repository: {out} (tritonserver --model-repository {out})")
+    return 0
+
+
+def _kserve(specs: list[ModelSpec], args: argparse.Namespace, named: bool) -> int:
+    from .kserve import Deployment, export
+
+    deployment = Deployment(args.protocol, args.storage_uri, args.gpu, args.cpu, args.memory, args.min_replicas, args.max_replicas,
+                            args.canary, args.namespace)
+    chosen = specs if named else [s for s in specs if s.base is None]
+    for spec in chosen:
+        folder = export(spec, args.store / spec.archive_name, args.out, deployment)
+        print(f"{spec.name}: {folder}/ (copy it to {args.storage_uri.rstrip('/')}/{spec.name}; kubectl apply -f {folder}/inferenceservice.yaml)")
     return 0
 
 
