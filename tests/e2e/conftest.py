@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,6 +30,19 @@ def plain_launcher() -> Path:
             pytest.fail(message)
         pytest.skip(message)
     return launcher
+
+
+@pytest.fixture(scope="session")
+def serveready_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """This library's wheel, built from a copy of the sources (an in-place build/ could carry files that no longer exist)."""
+    base = tmp_path_factory.mktemp("wheel")
+    source, dist = base / "source", base / "dist"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".git", ".venv*", "build", "dist", "*.egg-info", "artifacts", "model_store",
+                                                                "run", "gpu-bundle", "gpu-out", "__pycache__"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w", str(dist), str(source)],
+                   check=True, capture_output=True, timeout=300)
+    [wheel] = dist.glob("serveready-*.whl")
+    return wheel
 
 
 @contextmanager

@@ -18,7 +18,7 @@ def test_gpu_check_runs_every_archive_and_reports(net_archive: Path, variant_bui
         shutil.copy(archive, store)
     out = tmp_path / "report" / "check"
     command = [str(Path(sys.executable).with_name("ts-gpu-check")), "--device", "cpu", "--model-store", str(store), "--out", str(out),
-               "--image", str(ROOT / "docs" / "images" / "digit.png"), "--clients", "4", "--requests", "5"]
+               "--image", str(ROOT / "docs" / "images" / "digit.png"), "--clients", "4", "--requests", "5", "--logs", str(tmp_path / "logs")]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(out.with_suffix(".json").read_text())
@@ -30,6 +30,8 @@ def test_gpu_check_runs_every_archive_and_reports(net_archive: Path, variant_bui
     assert [(ld["name"], ld["requests"], ld["statuses"], ld["wrong"]) for ld in report["loads"]] == [("digits_fp16", 20, {"200": 20}, 0)]
     assert {t["archive"] for t in report["in_process"]} == {"digits_fp16"}
     assert "| net_int8 | int8_dynamic | **served** |" in out.with_suffix(".md").read_text()
+    # --logs keeps what the workers said after the scratch server is gone
+    assert "model net_int8 runs with torch int8 dynamic on cpu" in (tmp_path / "logs" / "model_log.log").read_text()
 
 
 def test_gpu_check_without_a_gpu_says_what_to_do(tmp_path: Path) -> None:
