@@ -43,7 +43,7 @@ from . import evaluate
 from .datasets import DataFile
 from .entries import ENTRY_MODULE, HANDLERS_DIR, check_top_level_name
 from .errors import ArchiverError
-from .integrity import normalize
+from .integrity import normalize, refusal
 from .integrity import verify as verify_archive
 from .report import write_report
 from .spec import ModelSpec
@@ -103,7 +103,7 @@ def rewrite_model_config(archive: Path, target: Path, change: Callable[[dict[str
     """
     problems = verify_archive(archive)
     if problems:
-        raise ArchiverError(f"{archive.name} failed its integrity check: {'; '.join(problems[:5])}; rebuild it with ts-archive build")
+        raise ArchiverError(refusal(archive.name, problems))
     with zipfile.ZipFile(archive) as src, zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED) as dst:
         for item in src.infolist():
             data = src.read(item)

@@ -68,6 +68,12 @@ def normalize(archive: Path) -> None:
     archive.write_bytes(buffer.getvalue())
 
 
+def refusal(archive: str, problems: list[str], outcome: str = "failed its integrity check") -> str:
+    """One line for an archive refused over ``problems``, saying the fix once."""
+    fix = "" if any("ts-archive build" in p for p in problems) else "; rebuild it with ts-archive build"
+    return f"{archive} {outcome}: {'; '.join(problems[:5])}{fix}"
+
+
 def unpacked_problems(root):  # noqa: ANN001, ANN201 -- copied into every archive's entry module, no annotations imports there
     """What is wrong with an unpacked archive at ``root`` against its SHA256SUMS (empty: nothing).
 

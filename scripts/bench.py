@@ -197,8 +197,10 @@ def running_systems(work: Workload, names: Sequence[str], store: Path, scratch: 
             runs.append(run.path)
             management = Management.from_run(run)
             for name in stock:
+                # Registered as a stock user would (curl): ts-manage refuses archives without SHA256SUMS.
                 model = f"{work.model}_{name.replace('-', '_')}"
-                management.register(f"{model}.mar")
+                management.call("POST", "/models", url=f"{model}.mar", model_name=model, initial_workers=2, synchronous="true")
+                management.wait_ready(model, 2, timeout=120.0)
                 systems.append(_ts_system(name, run, model, work))
         if "litserve" in names:
             progress(f"{work.model}: starting LitServe")

@@ -22,7 +22,7 @@ import yaml
 
 from serveready.archiver.build import CONFIG_ENTRY, rewrite_model_config
 from serveready.archiver.errors import ArchiverError
-from serveready.archiver.integrity import verify
+from serveready.archiver.integrity import refusal, verify
 from serveready.archiver.signing import signature_problems
 from serveready.handlers.config import DeviceType
 
@@ -240,7 +240,7 @@ class Management:
         path = archive_in_store(str(archive), run.model_store)
         problems = verify(path)
         if problems:
-            raise ScriptError(f"{path.name} failed its integrity check, not registered: {'; '.join(problems[:5])}; rebuild it with ts-archive build")
+            raise ScriptError(refusal(path.name, problems, "failed its integrity check, not registered"))
         if public_key is not None:
             try:
                 problems = signature_problems(path, public_key)

@@ -1,0 +1,38 @@
+"""ts-bench end to end, every system, on a tiny grid (its numbers are not asserted: benchmarks are not tests)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from serveready.archiver import ModelSpec
+from serveready.scripts.bench import SYSTEMS
+from tests.conftest import ROOT
+from tests.e2e.test_tune import _need_wrk
+
+
+def test_bench_serves_every_system_and_writes_the_page(net_spec: ModelSpec, net_archive: Path, tmp_path: Path) -> None:
+    _need_wrk()
+    work = tmp_path / "project"  # what `make bench` runs in: models/, artifacts/, model_store/
+    for folder in ("models", "artifacts", "model_store"):
+        (work / folder).mkdir(parents=True)
+    shutil.copy(ROOT / "models" / "net.py", work / "models")
+    shutil.copy(net_spec.weights, work / "artifacts" / "net.pt")
+    shutil.copy(net_archive, work / "model_store" / "net.mar")
+    out = tmp_path / "page" / "bench.md"
+    out.parent.mkdir()
+    command = [str(Path(sys.executable).with_name("ts-bench")), "--models", "net", "--levels", "1,4", "--seconds", "1", "--repeats", "1",
+               "--warmup", "1", "--image", str(ROOT / "docs" / "images" / "digit.png"), "--out", str(out)]
+    done = subprocess.run(command, cwd=work, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+
+    recorded = json.loads(out.with_suffix(".json").read_text())
+    cells = {(c["system"], c["concurrency"]): c for c in recorded["cells"]["net"]}
+    assert set(cells) == {(s, level) for s in SYSTEMS for level in (1, 4)}
+    for key, cell in cells.items():  # every system answered, and answered right (wrk counts non-2xx as errors)
+        assert cell["requests"] > 0 and cell["errors"] == 0, key
+    page = out.read_text()
+    assert "Targets, `project` (net):" in page and "| stock-tuned | 4 |" in page and out.with_suffix(".png").is_file()
