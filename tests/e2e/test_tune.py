@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 
+from serveready.archiver.cli import main as archive_main
 from serveready.archiver.tune import Candidate, SweepPlan, sweep
+from tests.conftest import ROOT
 
 
 def _need_wrk() -> None:
@@ -37,3 +41,22 @@ def test_sweep_counts_refused_requests_as_errors(net_archive: Path) -> None:
     [m] = sweep(net_archive, b'{"inputs": [1]}', "application/json", [Candidate(1, 1, 0, 1)],
                 SweepPlan(levels=(2,), seconds=1, screen_seconds=1, keep=1, repeats=1, warmup_seconds=0), lambda line: None)
     assert m.errors > 0  # every answer was a 400: wrong row width
+
+
+def test_tune_command_measures_and_writes_the_pick(net_archive: Path, tmp_path: Path) -> None:
+    """`ts-archive tune` end to end on a tiny grid: measured on a real TorchServe, reported, written into serve:."""
+    _need_wrk()
+    configs, store, out = tmp_path / "model_configs", tmp_path / "model_store", tmp_path / "tuning"
+    configs.mkdir()
+    store.mkdir()
+    shutil.copy(ROOT / "model_configs" / "net.yaml", configs / "net.yaml")
+    shutil.copy(net_archive, store / "net.mar")
+    code = archive_main(["--configs", str(configs), "tune", "net", "--store", str(store), "--concurrency", "1,2", "--workers", "1",
+                         "--batch-sizes", "1,2", "--delays", "0", "--threads", "1", "--seconds", "1", "--screen-seconds", "1", "--keep", "2",
+                         "--repeats", "1", "--warmup", "0", "--lone-slowdown", "0", "--p99-ms", "10000", "--out", str(out)])
+    assert code == 0
+    chosen = json.loads((out / "net.json").read_text())["chosen"]
+    assert chosen in [{"workers": 1, "batch_size": b, "max_batch_delay": 0, "threads": 1} for b in (1, 2)]
+    written = yaml.safe_load((configs / "net.yaml").read_text())
+    assert (written["serve"]["minWorkers"], written["serve"]["batchSize"], written["serve"]["maxBatchDelay"]) == (1, chosen["batch_size"], 0)
+    assert "# tuned:" in (configs / "net.yaml").read_text() and (out / "net.png").is_file()
