@@ -74,7 +74,7 @@ gpu-check: mar
 	$(BIN)/ts-gpu-check
 
 # For a GPU machine with Python and torch but no Java or network (the `device` tool's): everything
-# gpu-check needs in gpu-bundle/ (~38 MiB); scripts/gpu_device_run.sh runs it there. See docs/gpu.md.
+# gpu-check needs in gpu-bundle/ (~39 MiB); scripts/gpu_device_run.sh runs it there. See docs/gpu.md.
 gpu-bundle: mar wheel
 	$(BIN)/ts-gpu-bundle
 

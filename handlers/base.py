@@ -239,8 +239,10 @@ class BatchHandler:
             raise ExplanationsUnavailable(f"explanations need gradients, and this archive's {fmt} model has none: ask the fp32 model")
         try:
             from captum.attr import IntegratedGradients
-        except ImportError:
-            raise ExplanationsUnavailable("explanations need captum on the TorchServe host: pip install captum") from None
+        except ImportError as err:  # captum.attr imports matplotlib too: name what is missing
+            missing = err.name or "captum"
+            because = "" if missing == "captum" else f" (captum needs it: {err})"
+            raise ExplanationsUnavailable(f"explanations need captum on the TorchServe host: pip install {missing}{because}") from None
         outputs = self.inference(batch)
         inputs = batch.to(self.device).clone().requires_grad_(True)
         with torch.enable_grad():

@@ -48,7 +48,10 @@ CORE = ("torchserve", "torch-model-archiver", "captum")
 #: Installed on the other machine only where its Python lacks them (name -> import name).
 FALLBACK = {"requests": "requests", "urllib3": "urllib3", "idna": "idna", "certifi": "certifi",
             "charset-normalizer": "charset_normalizer", "psutil": "psutil", "packaging": "packaging",
-            "tqdm": "tqdm", "pytest": "pytest", "pluggy": "pluggy", "iniconfig": "iniconfig", "PyYAML": "yaml"}
+            "tqdm": "tqdm", "pytest": "pytest", "pluggy": "pluggy", "iniconfig": "iniconfig", "Pygments": "pygments", "PyYAML": "yaml"}
+
+#: pytest's own on Pythons below 3.11: bundled when this environment has them (a 3.11+ one does not).
+FALLBACK_IF_INSTALLED = {"exceptiongroup": "exceptiongroup", "tomli": "tomli"}
 
 #: What the `device` tool carries (the working tree and the carried folders together).
 UPLOAD_LIMIT = 64 * 2**20
@@ -141,12 +144,16 @@ def build_bundle(model_store: Path, wheel: Path, out: Path, preset: int = 9, say
             copy_distribution(name, site)
         install_wheel(wheel, site)
         store_uncompressed(site / TS_JAR)
-        for name in FALLBACK:
+        fallback = {**FALLBACK, **{n: m for n, m in FALLBACK_IF_INSTALLED.items() if _installed(n)}}
+        for name in fallback:
             copy_distribution(name, site / "fallback" / name)
-        (site / "fallback" / "FALLBACK.json").write_text(json.dumps(FALLBACK, indent=1) + "\n")
+        (site / "fallback" / "FALLBACK.json").write_text(json.dumps(fallback, indent=1) + "\n")
         pack(site, out / "site.tar.xz", preset)
-        say(f"site.tar.xz: {_mib(out / 'site.tar.xz')} ({', '.join(CORE)}, {wheel.name}, fallback {len(FALLBACK)}; "
+        say(f"site.tar.xz: {_mib(out / 'site.tar.xz')} ({', '.join(CORE)}, {wheel.name}, fallback {len(fallback)}; "
             f"{time.monotonic() - started:.0f} s)")
+        if len(fallback) == len(FALLBACK):
+            say(f"note: no {' or '.join(FALLBACK_IF_INSTALLED)} here (Python {sys.version_info.major}.{sys.version_info.minor}): "
+                "a Python below 3.11 without pytest there cannot run the GPU unit tests; ts-gpu-check runs all the same")
 
     shutil.copytree(model_store, out / "model_store", ignore=shutil.ignore_patterns("*.tmp"))
     say(f"model_store/: {_mib(*(out / 'model_store').iterdir())} ({len(archives)} archives)")
@@ -162,6 +169,20 @@ def build_bundle(model_store: Path, wheel: Path, out: Path, preset: int = 9, say
         say(f"warning: over {UPLOAD_LIMIT // 2**20 - 4} MiB: with the working tree it may not fit a {UPLOAD_LIMIT // 2**20} MiB upload; "
             "bundle fewer archives (--model-store a folder with a subset)")
     return manifest
+
+
+def _newer_sources(wheel: Path) -> bool:
+    """In a checkout: has any of this library's Python files changed since ``wheel`` was built?"""
+    built = wheel.stat().st_mtime
+    return any(f.stat().st_mtime > built for folder in ("serveready", "handlers", "archiver", "scripts") for f in Path(folder).rglob("*.py"))
+
+
+def _installed(name: str) -> bool:
+    try:
+        importlib.metadata.distribution(name)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
 
 
 def _files(folder: Path) -> Iterable[Path]:
@@ -187,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
         wheel = args.wheel or max(Path("dist").glob("serveready-*.whl"), key=lambda p: p.stat().st_mtime, default=None)
         if wheel is None or not wheel.is_file():
             raise ScriptError("no serveready wheel: make wheel (or --wheel PATH)")
+        if args.wheel is None and _newer_sources(wheel):
+            raise ScriptError(f"{wheel} is older than the sources here: make gpu-bundle (it rebuilds the wheel), or --wheel PATH")
         build_bundle(args.model_store, wheel, args.out, args.preset, say=lambda line: print(line, file=sys.stderr, flush=True))
     except ScriptError as err:
         print(f"ts-gpu-bundle: error: {err.message}", file=sys.stderr)

@@ -110,6 +110,23 @@ def test_explanations_of_rows_add_up_to_the_output_change(net_dir: Path) -> None
     np.testing.assert_allclose(answer["predictions"], reference_net(net_dir / "net.pt", rows), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("blocked", ["captum", "matplotlib"])
+def test_explanations_without_their_libraries_say_which_to_install(net_dir: Path, blocked: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A host without captum, or with captum but without the matplotlib its captum.attr imports: 501 naming it."""
+    import sys
+
+    from ts.context import RequestProcessor
+
+    for name in [m for m in sys.modules if m == "captum" or m.startswith(("captum.", f"{blocked}."))]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, blocked, None)  # `import blocked` now raises ModuleNotFoundError
+    handler, context = _ready(net_dir, 2)
+    context.request_processor = [RequestProcessor({"explain": "True"}), RequestProcessor({})]
+    explained, predicted = handled(handler, [_request({"inputs": [0.0] * 10}), _request({"inputs": [0.0] * 10})], context)
+    assert explained["code"] == 501 and explained["message"].startswith(f"explanations need captum on the TorchServe host: pip install {blocked}")
+    assert "predictions" in predicted  # the rest of the batch is answered
+
+
 def test_a_fault_in_decoding_fails_that_request_alone(net_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     handler, context = _ready(net_dir, 2)
     decode = handler.decode
