@@ -192,7 +192,7 @@ def running_systems(work: Workload, names: Sequence[str], store: Path, scratch: 
             if "stock-tuned" in stock:
                 stock_archive(work, f"{work.model}_stock_tuned", stock_store,
                               {"minWorkers": 2, "maxWorkers": 2, "batchSize": 8, "maxBatchDelay": 5}, 1)
-            config = dataclasses.replace(isolated(scratch / "stock", stock_store), metrics_mode="log", log_config=None)
+            config = dataclasses.replace(isolated(scratch / "stock", stock_store), metrics_mode="log", log_config=None, job_queue_size=100)
             run = start(config)
             runs.append(run.path)
             management = Management.from_run(run)

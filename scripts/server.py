@@ -53,6 +53,9 @@ class ServerConfig:
     # JSON fits, and so do a 3x224x224 image's attributions as JSON; larger requests get 413.
     max_request_size: int = 8 * 2**20
     max_response_size: int = 8 * 2**20
+    # Requests queued per model before 503 (TorchServe's default 100 overflows at ~100 clients); an
+    # archive's own jobQueueSize wins. Worst case memory: queue x max_request_size per model.
+    job_queue_size: int = 1000
     # Prometheus counters and latencies at GET metrics_address/metrics, not log lines per request.
     metrics_mode: str = "prometheus"
     # The log4j2 configuration: ours (lean, see log4j2.xml), "" for TorchServe's default, or a file.
@@ -85,6 +88,7 @@ class ServerConfig:
             "ts_open_inference_protocol": str(self.open_inference_protocol).lower(),
             "max_request_size": str(self.max_request_size),
             "max_response_size": str(self.max_response_size),
+            "job_queue_size": str(self.job_queue_size),
         }
         return "".join(f"{k}={v}\n" for k, v in lines.items())
 
@@ -276,6 +280,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--token-expiration-min", type=int, default=60, help="lifetime of the API keys (default: %(default)s)")
     s.add_argument("--max-request-size", type=int, default=8 * 2**20, help="bytes; larger requests get 413 (default: %(default)s)")
     s.add_argument("--max-response-size", type=int, default=8 * 2**20, help="bytes a worker may answer (default: %(default)s)")
+    s.add_argument("--job-queue-size", type=int, default=1000,
+                   help="requests queued per model before 503, unless the archive says its own (default: %(default)s)")
     s.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for /ping (default: %(default)s)")
     s.add_argument("--log-config", type=lambda v: Path(v) if v else None, default=LEAN_LOG_CONFIG,
                    help="log4j2 configuration (default: this library's lean one, see docs/tuning.md; \"\" for TorchServe's own)")
@@ -307,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
             token_expiration_min=args.token_expiration_min,
             max_request_size=args.max_request_size,
             max_response_size=args.max_response_size,
+            job_queue_size=args.job_queue_size,
             metrics_mode=args.metrics_mode,
             log_config=args.log_config,
         )

@@ -22,11 +22,15 @@ import psutil
 import pytest
 import requests
 
+from serveready.archiver.build import rewrite_model_config
 from serveready.scripts.client import Inference, Management, worker_gone
-from serveready.scripts.runinfo import RunDir
+from serveready.scripts.loadgen import Load as WrkLoad
+from serveready.scripts.loadgen import run_wrk
+from serveready.scripts.runinfo import RunDir, TokenKind
 from tests.conftest import reference_net
 from tests.e2e.conftest import serving
 from tests.e2e.test_serve import ts_manage
+from tests.e2e.test_tune import _need_wrk
 
 ROWS = np.random.default_rng(21).normal(size=(16, 10)).astype(np.float32)
 #: A request never answered within this many seconds counts as hung (TorchServe never answers those).
@@ -186,3 +190,23 @@ def test_sustained_load_is_all_correct_and_memory_stays_flat(faults: RunDir, net
     assert set(seen.statuses) == {200} and seen.hung == 0 and seen.wrong == 0
     assert _ready_pids(management, "net") == pids, "a worker was replaced"
     assert after - before < 64 * 2**20, f"worker RSS grew {(after - before) / 2**20:.0f} MiB in 55 s"
+
+
+def test_a_burst_beyond_torchserves_own_queue_gets_no_503(net_archive: Path, tmp_path: Path) -> None:
+    """256 clients at once: the archive's queue of 1000 answers all; TorchServe's own 100 turns most away with 503."""
+    _need_wrk()
+    stock = rewrite_model_config(net_archive, tmp_path / "net_q100.mar", lambda config: config.update(jobQueueSize=100))
+    body = tmp_path / "row.json"
+    body.write_text(json.dumps({"inputs": ROWS[0].tolist()}))
+    results = {}
+    (tmp_path / "burst").mkdir()
+    with serving([net_archive, stock], tmp_path / "burst") as run:
+        management = Management.from_run(run)
+        for archive in ("net.mar", "net_q100.mar"):
+            management.register(archive)
+        for model in ("net", "net_q100"):
+            load = WrkLoad(f"{run.inference_url}/predictions/{model}", body, "application/json", run.token(TokenKind.INFERENCE))
+            results[model] = run_wrk(load, 256, 4.0, timeout_s=30.0)
+            print(f"\n{model}: 256 clients, {results[model].requests} requests, {results[model].errors} not 200, {results[model].rps:,.0f} req/s")
+    assert results["net"].requests > 0 and results["net"].errors == 0
+    assert results["net_q100"].errors > 0  # what the default of 1000 is for

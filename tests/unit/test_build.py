@@ -151,3 +151,9 @@ def test_delay_zero_batching_is_written_so_plain_torchserve_cannot_misread_it(ne
     assert queued["register"] == {"batchSize": 8, "maxBatchDelay": 0}  # what ts-manage register passes explicitly
     waiting = model_config(dataclasses.replace(net_spec, serve=ServeOptions(batchSize=8, maxBatchDelay=5)))
     assert (waiting["batchSize"], waiting["maxBatchDelay"], "register" in waiting) == (8, 5, False)
+
+
+def test_archives_queue_a_thousand_requests_unless_told(net_spec: ModelSpec) -> None:
+    """TorchServe's own 100 answers 503 to every request beyond it: archives carry 1000, or the config's own."""
+    assert model_config(net_spec)["jobQueueSize"] == 1000
+    assert model_config(dataclasses.replace(net_spec, serve=ServeOptions(jobQueueSize=50)))["jobQueueSize"] == 50

@@ -31,6 +31,7 @@ def test_config_properties_have_the_safe_defaults(tmp_path: Path) -> None:
     assert (props["grpc_inference_address"], props["grpc_management_address"]) == ("127.0.0.1", "127.0.0.1")
     assert props["max_request_size"] == props["max_response_size"] == str(8 * 2**20) and props["token_expiration_min"] == "60"
     assert props["ts_open_inference_protocol"] == props["model_metrics_auto_detect"] == "true"
+    assert props["job_queue_size"] == "1000"  # not TorchServe's 100: see docs/reliability.md
 
 
 def test_lean_log_config_is_valid_and_quiet() -> None:
