@@ -24,7 +24,7 @@ import yaml
 from .build import rewrite_model_config
 from .errors import ArchiverError
 from .signing import signature_path
-from .spec import ModelSpec
+from .spec import DEFAULT_JOB_QUEUE_SIZE, ModelSpec
 
 MOUNT = "/mnt/models"
 PROTOCOLS = ("v1", "v2")
@@ -91,7 +91,7 @@ def config_properties(spec: ModelSpec, archive_name: str) -> str:
         "enable_model_api": "false",
         "install_py_dep_per_model": "false",
         "number_of_netty_threads": "4",
-        "job_queue_size": "1000",  # each archive says its own jobQueueSize too (1000 by default)
+        "job_queue_size": str(DEFAULT_JOB_QUEUE_SIZE),  # each archive says its own jobQueueSize too
         "max_request_size": str(8 * 2**20),
         "max_response_size": str(8 * 2**20),
         "model_store": f"{MOUNT}/model-store",

@@ -33,6 +33,10 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-.]*$")
 _KEYS = ("name", "version", "description", "base", "model", "weights", "extra_files", "handler", "training", "data", "variant", "fidelity", "serve")
 
 
+#: Requests TorchServe queues per model before it answers 503; its own default, 100, overflows at ~100 clients.
+DEFAULT_JOB_QUEUE_SIZE = 1000
+
+
 @dataclass(frozen=True, kw_only=True)
 class ServeOptions:
     """TorchServe's model-config keys a spec's ``serve:`` section may set; copied into the archive."""
@@ -48,7 +52,7 @@ class ServeOptions:
     # TorchServe's default, 100, answers 503 ("has no worker to serve inference request") to every
     # request beyond it: at 128 closed-loop clients on `net`, 90% of answers, and the 503 storm cut
     # the 200s to 1,341/s. With 1000: 0 errors up to 512 clients, 4,500-4,800 req/s (docs/reliability.md).
-    jobQueueSize: int = option(1000, minimum=1, doc="requests queued per model before TorchServe answers 503")
+    jobQueueSize: int = option(DEFAULT_JOB_QUEUE_SIZE, minimum=1, doc="requests queued per model before TorchServe answers 503")
 
     def __post_init__(self) -> None:
         if self.minWorkers and self.maxWorkers and self.minWorkers > self.maxWorkers:

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import requests
 
+from serveready.archiver.spec import DEFAULT_JOB_QUEUE_SIZE
+
 from .client import Management, fresh_key
 from .runinfo import RunDir, ScriptError, TokenKind
 
@@ -55,7 +57,7 @@ class ServerConfig:
     max_response_size: int = 8 * 2**20
     # Requests queued per model before 503 (TorchServe's default 100 overflows at ~100 clients); an
     # archive's own jobQueueSize wins. Worst case memory: queue x max_request_size per model.
-    job_queue_size: int = 1000
+    job_queue_size: int = DEFAULT_JOB_QUEUE_SIZE
     # Prometheus counters and latencies at GET metrics_address/metrics, not log lines per request.
     metrics_mode: str = "prometheus"
     # The log4j2 configuration: ours (lean, see log4j2.xml), "" for TorchServe's default, or a file.
@@ -280,7 +282,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--token-expiration-min", type=int, default=60, help="lifetime of the API keys (default: %(default)s)")
     s.add_argument("--max-request-size", type=int, default=8 * 2**20, help="bytes; larger requests get 413 (default: %(default)s)")
     s.add_argument("--max-response-size", type=int, default=8 * 2**20, help="bytes a worker may answer (default: %(default)s)")
-    s.add_argument("--job-queue-size", type=int, default=1000,
+    s.add_argument("--job-queue-size", type=int, default=DEFAULT_JOB_QUEUE_SIZE,
                    help="requests queued per model before 503, unless the archive says its own (default: %(default)s)")
     s.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for /ping (default: %(default)s)")
     s.add_argument("--log-config", type=lambda v: Path(v) if v else None, default=LEAN_LOG_CONFIG,
