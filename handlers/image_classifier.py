@@ -7,6 +7,7 @@ Request, one image each:
         preprocess standard: channels x height x width numbers (height x width for grey models),
                              already resized and normalised
         preprocess digits:   8 rows of 8 ink counts 0..16, as sklearn's digits.images
+                             (or the 64 of them in one list, as a row of digits.data)
     an ``X-Top-K: 5`` request header also sets k (the only way for a raw image body).
 Response: {"predictions": [{"class": "cat", "index": 3, "probability": 0.98}, ...]}  top k.
 /explanations adds "input" (what the model saw) and "attributions" (same shape).
@@ -204,7 +205,10 @@ def _final_size(options: ImageOptions, size: tuple[int, int]) -> tuple[int, int]
 
 
 def _ink_grid(inputs: Any) -> torch.Tensor:
-    rows = parse_rows(inputs, width=GRID, max_rows=max(GRID, len(inputs) if isinstance(inputs, list) else 0))
+    if isinstance(inputs, list) and len(inputs) == GRID * GRID and not any(isinstance(v, list) for v in inputs):
+        rows = parse_rows(inputs, width=GRID * GRID, max_rows=1).view(GRID, GRID)  # one row of sklearn's digits.data
+    else:
+        rows = parse_rows(inputs, width=GRID, max_rows=max(GRID, len(inputs) if isinstance(inputs, list) else 0))
     if rows.shape[0] != GRID:
         raise InvalidInput(f"'inputs' must be {GRID} rows of {GRID} numbers, got {rows.shape[0]} row(s)")
     low, high = rows.min().item(), rows.max().item()

@@ -58,6 +58,8 @@ def decode_json(body: Any) -> Any:
         raise InvalidInput(f"request body is not valid JSON: {err.msg} at line {err.lineno} column {err.colno}") from None
     except RecursionError:
         raise InvalidInput("request body is not valid JSON: nested too deeply") from None
+    except ValueError as err:  # Python's cap on integer digits (4300), which json.loads enforces
+        raise InvalidInput(f"request body is not valid JSON: {str(err).split(';')[0]}") from None
 
 
 def json_field(document: Any, key: str, example: str) -> Any:

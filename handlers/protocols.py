@@ -36,6 +36,8 @@ NUMERIC = {
     "INT64": torch.int64, "INT32": torch.int32, "INT16": torch.int16, "INT8": torch.int8, "UINT8": torch.uint8,
 }
 BYTES = "BYTES"
+#: the whole numbers each integer datatype holds; JSON values outside them are refused, not wrapped
+INTEGER_RANGE = {name: (torch.iinfo(dtype).min, torch.iinfo(dtype).max) for name, dtype in NUMERIC.items() if not dtype.is_floating_point}
 BINARY_HEADER = "inference-header-content-length"
 #: the most values one v2 tensor may declare (a bound before anything is allocated)
 MAX_ELEMENTS = 1 << 24
@@ -126,9 +128,9 @@ def v2_input(document: dict[str, Any]) -> Tensor:
             raise InvalidInput(f"v2: input {name!r} has {len(binary)} bytes of binary data, its shape {shape} and {datatype} need {count * size}")
         numbers = torch.frombuffer(bytearray(binary), dtype=dtype).to(torch.float32) if count else torch.zeros(0)
     else:
-        numbers = _json_numbers(spec.get("data"), name, count)
+        numbers = _json_numbers(spec.get("data"), name, count, datatype)
     if not bool(numbers.isfinite().all()):
-        raise InvalidInput(f"v2: input {name!r} holds values that are not finite float32 numbers")
+        raise InvalidInput(f"v2: input {name!r} holds values that are not finite {datatype} numbers (or beyond float32, which the model computes in)")
     return Tensor(name, tuple(shape), datatype, numbers=numbers.reshape(shape))
 
 
@@ -208,17 +210,24 @@ def _json_bytes(data: Any, name: str) -> list[bytes]:
     return items
 
 
-def _json_numbers(data: Any, name: str, count: int) -> torch.Tensor:
+def _json_numbers(data: Any, name: str, count: int, datatype: str) -> torch.Tensor:
+    """JSON values as float32, each first checked against its declared ``datatype``."""
     flat = _flatten(data, name)
     if len(flat) != count:
         raise InvalidInput(f"v2: input {name!r} has {len(flat)} values, its shape says {count}")
     if not {type(v) for v in flat} <= {int, float}:
         bad = next(i for i, v in enumerate(flat) if type(v) not in (int, float))
         raise InvalidInput(f"v2: input {name!r} value {bad} is {json.dumps(flat[bad])[:30]}, expected a number")
+    if datatype in INTEGER_RANGE:
+        low, high = INTEGER_RANGE[datatype]
+        bad = next((i for i, v in enumerate(flat) if type(v) is not int or not low <= v <= high), None)
+        if bad is not None:
+            raise InvalidInput(f"v2: input {name!r} value {bad} is {json.dumps(flat[bad])[:30]}, not a whole number within {datatype} ({low} to {high})")
+        return torch.tensor(flat, dtype=torch.float64).to(torch.float32)
     try:
-        return torch.tensor(flat, dtype=torch.float32)
+        return torch.tensor(flat, dtype=NUMERIC[datatype]).to(torch.float32)  # FP16 beyond 65504 becomes inf: refused by the caller
     except (OverflowError, RuntimeError):
-        raise InvalidInput(f"v2: input {name!r} holds a number beyond float32") from None
+        raise InvalidInput(f"v2: input {name!r} holds a number beyond {datatype}") from None
 
 
 def _flatten(data: Any, name: str) -> list[Any]:

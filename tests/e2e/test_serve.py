@@ -70,6 +70,7 @@ BAD_INPUTS = [
     ('{"inputs": [1,2,3,NaN,5,6,7,8,9,10]}', "row 0, column 3 is NaN (a JSON number), expected a finite number"),
     ('{"inputs": [1,2,3,4,5,6,7,8,9,Infinity]}', "row 0, column 9 is Infinity (a JSON number), expected a finite number"),
     ('{"inputs": []}', "'inputs' is empty"),
+    ('{"inputs": [' + "9" * 5000 + ",2,3,4,5,6,7,8,9,10]}", "request body is not valid JSON: Exceeds the limit (4300 digits) for integer string conversion"),
     ('{"inputs": [[1,2,3,4,5,6,7,8,9,10],[1,2]]}', "row 1 has 2 values, expected 10"),
     ('{"inputs": [[1,2,3,4,5,6,7,8,9,10],3]}', "'inputs' mixes numbers and lists"),
     (json.dumps({"inputs": [[0] * 10] * 1025}), "'inputs' has 1025 rows, more than the limit of 1024 rows per request"),

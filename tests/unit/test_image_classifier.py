@@ -63,6 +63,8 @@ def test_array_input_matches_in_process_model(digits_dir: Path, digits_spec) -> 
     probabilities = [p["probability"] for p in answer["predictions"]]
     assert probabilities == sorted(probabilities, reverse=True)
     assert [p["class"] for p in answer["predictions"]] == [str(p["index"]) for p in answer["predictions"]]
+    [flat] = handled(handler, [{"body": {"inputs": _ink(0).flatten().tolist(), "k": 10}}], context)  # a row of digits.data
+    assert flat == answer
 
 
 @pytest.mark.parametrize(
@@ -123,6 +125,7 @@ BAD = [
     (json.dumps({"inputs": [[0] * 8] * 7}).encode(), "'inputs' must be 8 rows of 8 numbers, got 7 row(s)"),
     (json.dumps({"inputs": [[0] * 8] * 9}).encode(), "'inputs' must be 8 rows of 8 numbers, got 9 row(s)"),
     (json.dumps({"inputs": [[0] * 7] * 8}).encode(), "row 0 has 7 values, expected 8"),
+    (json.dumps({"inputs": [0] * 63}).encode(), "row 0 has 63 values, expected 8"),
     (json.dumps({"inputs": [[17] * 8] * 8}).encode(), "'inputs' values must be ink counts from 0 to 16, got 17 to 17"),
     (json.dumps({"image": "***"}).encode(), "'image' is not valid base64"),
     (json.dumps({"image": base64.b64encode(b"GIF89a").decode()}).encode(), "not a PNG or JPEG image"),

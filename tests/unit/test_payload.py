@@ -51,6 +51,7 @@ def test_bad_inputs_name_the_problem(inputs: object, message: str) -> None:
         (b"{not json", "request body is not valid JSON: Expecting property name enclosed in double quotes at line 1 column 2"),
         (b"\xff\xfe", "request body is not UTF-8 text"),
         (b"[" * 100000 + b"]" * 100000, "request body is not valid JSON"),
+        (b'{"inputs": [' + b"9" * 5000 + b"]}", "request body is not valid JSON: Exceeds the limit (4300 digits) for integer string conversion"),
     ],
 )
 def test_undecodable_bodies(body: bytes, message: str) -> None:

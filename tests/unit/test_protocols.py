@@ -65,7 +65,12 @@ def test_v2_rows_flat_or_nested_answer_in_the_protocols_shape(net, net_spec: Mod
     (_v2([0.0] * 10, [2, 10]), "v2: input 'x' has 10 values, its shape says 20"),
     (_v2([True] * 10, [1, 10], "BOOL"), "v2: input 'x' has datatype \"BOOL\"; this model takes FP32"),
     (_v2(["a"] + [0.0] * 9, [1, 10]), "v2: input 'x' value 0 is \"a\", expected a number"),
-    (_v2([1e39] + [0.0] * 9, [1, 10]), "v2: input 'x' holds values that are not finite float32 numbers"),
+    (_v2([1e39] + [0.0] * 9, [1, 10]), "v2: input 'x' holds values that are not finite FP32 numbers"),
+    (_v2([1e300] + [0.0] * 9, [1, 10], "FP64"), "v2: input 'x' holds values that are not finite FP64 numbers (or beyond float32, which the model computes in)"),
+    (_v2([70000.0] + [0.0] * 9, [1, 10], "FP16"), "v2: input 'x' holds values that are not finite FP16 numbers"),
+    (_v2([2**70] + [0] * 9, [1, 10], "INT64"), "v2: input 'x' value 0 is 1180591620717411303424, not a whole number within INT64 (-9223372036854775808 to"),
+    (_v2([0] * 9 + [256], [1, 10], "UINT8"), "v2: input 'x' value 9 is 256, not a whole number within UINT8 (0 to 255)"),
+    (_v2([0.5] + [0] * 9, [1, 10], "INT32"), "v2: input 'x' value 0 is 0.5, not a whole number within INT32"),
     (_v2([0.0] * 10, [1, -10]), "v2: input 'x' needs a \"shape\" list of sizes >= 0"),
     (_v2([0.0], [10**9, 10**9]), "v2: input 'x' declares 1000000000000000000 values, more than the limit"),
     ({"inputs": [{"name": "a", "shape": [10], "datatype": "FP32", "data": [0] * 10}] * 2}, "v2: this model takes one input tensor, the request has 2"),
@@ -76,6 +81,14 @@ def test_malformed_v2_gets_400_in_the_protocols_error_shape_and_alone(net, body:
     bad, good = handled(handler, [{"body": body}, {"body": _v2([0.0] * 10, [10])}], context)
     assert _status(context, 0) == 400 and set(bad) == {"error"} and bad["error"].startswith(message), bad
     assert _status(context, 1) == 200 and good["outputs"][0]["shape"] == [1, 1]
+
+
+def test_v2_json_numbers_of_every_datatype_reach_the_model_as_float32(net, net_spec: ModelSpec) -> None:  # noqa: ANN001
+    handler, context = net
+    whole = np.arange(-5, 5, dtype=np.float32).reshape(1, 10)
+    for datatype in ("INT8", "INT16", "INT32", "INT64", "FP16", "FP64"):
+        [answer] = handled(handler, [{"body": _v2(whole.astype(int).tolist() if datatype.startswith("INT") else whole.tolist(), [1, 10], datatype)}], context)
+        np.testing.assert_allclose(answer["outputs"][0]["data"], reference_net(net_spec.weights, whole).flatten(), atol=1e-5)
 
 
 def test_malformed_v1_gets_400_with_our_error_body(net) -> None:  # noqa: ANN001
