@@ -130,7 +130,8 @@ def v2_input(document: dict[str, Any]) -> Tensor:
     else:
         numbers = _json_numbers(spec.get("data"), name, count, datatype)
     if not bool(numbers.isfinite().all()):
-        raise InvalidInput(f"v2: input {name!r} holds values that are not finite {datatype} numbers (or beyond float32, which the model computes in)")
+        beyond = "" if datatype == "FP32" else " (or beyond float32, which the model computes in)"
+        raise InvalidInput(f"v2: input {name!r} holds values that are not finite {datatype} numbers{beyond}")
     return Tensor(name, tuple(shape), datatype, numbers=numbers.reshape(shape))
 
 
