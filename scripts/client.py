@@ -11,6 +11,7 @@ Every failure is a :class:`ScriptError` whose message says what to do.
 
 from __future__ import annotations
 
+import json
 import time
 import zipfile
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ import yaml
 
 from serveready.archiver.build import CONFIG_ENTRY, rewrite_model_config
 from serveready.archiver.errors import ArchiverError
-from serveready.archiver.integrity import refusal, verify
+from serveready.archiver.integrity import MANIFEST_ENTRY, refusal, verify
 from serveready.archiver.signing import signature_problems
 from serveready.handlers.config import DeviceType
 
@@ -52,6 +53,36 @@ class Registration:
         said = f"; it runs with {self.runs_with}" if self.runs_with else ""
         note = f"\nnote: {self.note}" if self.note else ""
         return f"registered {self.name} from {self.archive}: {self.workers} {self.device} worker(s) READY{said}{note}"
+
+
+@dataclass(frozen=True)
+class Workers:
+    """Worker settings for a registration; None takes the archive's own (its tuned ``serve:``)."""
+
+    workers: int | None = None
+    batch_size: int | None = None
+    max_batch_delay: int | None = None
+    response_timeout: int | None = None
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """A new version that took over a model's traffic."""
+
+    registration: Registration
+    version: str
+    previous: str
+    #: the old versions unregistered after the switch (none when they were kept)
+    removed: list[str]
+
+    def __str__(self) -> str:
+        r = self.registration
+        said = f"; it runs with {r.runs_with}" if r.runs_with else ""
+        kept = (f"; unregistered {', '.join(self.removed)}" if self.removed
+                else f"; {self.previous} still registered (back: ts-manage set-default {r.name} {self.previous})")
+        note = f"\nnote: {r.note}" if r.note else ""
+        return (f"rolled out {r.name} {self.version} from {r.archive}: {r.workers} {r.device} worker(s) READY{said}; "
+                f"default now {self.version} (was {self.previous}){kept}{note}")
 
 
 def batching_note(batch_size: int, max_batch_delay: int) -> str:
@@ -166,8 +197,9 @@ class Management:
     def models(self) -> Any:
         return self.call("GET", "/models")
 
-    def describe(self, name: str) -> list[dict[str, Any]]:
-        found = self.call("GET", f"/models/{name}")
+    def describe(self, name: str, version: str | None = None) -> list[dict[str, Any]]:
+        """The model's default version (or ``version``), as TorchServe describes it."""
+        found = self.call("GET", f"/models/{name}" + (f"/{version}" if version else ""))
         return found if isinstance(found, list) else [found]
 
     def unregister(self, name: str, version: str | None = None, attempts: int = 5) -> str:
@@ -191,11 +223,11 @@ class Management:
     def set_default(self, name: str, version: str) -> str:
         return str(self.call("PUT", f"/models/{name}/{version}/set-default").get("status", ""))
 
-    def wait_ready(self, name: str, workers: int, timeout: float) -> list[dict[str, Any]]:
+    def wait_ready(self, name: str, workers: int, timeout: float, version: str | None = None) -> list[dict[str, Any]]:
         """Poll describe until ``workers`` workers are READY (/ping says Healthy long before that)."""
         deadline = time.monotonic() + timeout
         while True:
-            ready = [w for v in self.describe(name) for w in v.get("workers", []) if w.get("status") == "READY"]
+            ready = [w for v in self.describe(name, version) for w in v.get("workers", []) if w.get("status") == "READY"]
             if len(ready) >= workers:
                 return ready
             if time.monotonic() > deadline:
@@ -235,6 +267,59 @@ class Management:
             ScriptError: no GPU for GPU workers, an archive outside the store, a name taken, workers not READY.
         """
         run = self._run()
+        path, config = self._admitted(run, archive, device, public_key)
+        name = name or path.name.split(".")[0]
+        try:
+            self.call("GET", f"/models/{name}")
+        except NotFound:
+            pass
+        else:
+            raise ScriptError(f"model {name!r} is already registered: ts-manage unregister {name} first, give another --name, "
+                              f"or replace it without downtime: ts-manage rollout {name} {path.name}")
+        return self._serve(run, path, config, name, None, Workers(workers, batch_size, max_batch_delay, response_timeout), timeout)
+
+    def rollout(
+        self,
+        name: str,
+        archive: str | Path,
+        workers: Workers | None = None,
+        device: DeviceType | None = None,
+        timeout: float = 120.0,
+        public_key: Path | None = None,
+        keep_old: bool = False,
+    ) -> Rollout:
+        """Replace the model ``name`` by ``archive`` (a new version of it) without a moment of downtime.
+
+        The new version starts beside the old ones; only when its workers are READY (each ran
+        the archive's sample at initialize) does it become the default version, and only then
+        are the old versions unregistered (``keep_old``: kept, for ``set-default`` back). New
+        version that cannot start: removed again, the old one serves on, the error says why.
+
+        Raises:
+            ScriptError: ``name`` not registered, the archive's version already registered,
+            or anything :meth:`register` refuses.
+        """
+        run = self._run()
+        try:
+            before = self.call("GET", f"/models/{name}/all")
+        except NotFound:
+            raise ScriptError(f"model {name!r} is not registered, so there is nothing to roll out over: ts-manage register {archive} --name {name}") from None
+        old = [str(v.get("modelVersion")) for v in before]
+        previous = next((str(v.get("modelVersion")) for v in self.describe(name)), old[0])
+        path, config = self._admitted(run, archive, device, public_key)
+        version = archive_version(path)
+        if version in old:
+            raise ScriptError(f"{name} version {version} is already registered (registered: {', '.join(old)}): "
+                              f"give the new archive another version (the model config's version:) and rebuild it")
+        registration = self._serve(run, path, config, name, version, workers or Workers(), timeout)
+        self.set_default(name, version)
+        if not keep_old:
+            for old_version in old:
+                self.unregister(name, old_version)
+        return Rollout(registration, version, previous, [] if keep_old else old)
+
+    def _admitted(self, run: RunDir, archive: str | Path, device: DeviceType | None, public_key: Path | None) -> tuple[Path, dict[str, Any]]:
+        """The archive to register (retargeted to ``device``) and its model-config, once it passed every check."""
         if device is DeviceType.GPU and run.gpus == 0:
             raise ScriptError("GPU workers were asked for, but this server has no GPU (number_of_gpu=0); use --device cpu")
         path = archive_in_store(str(archive), run.model_store)
@@ -251,37 +336,36 @@ class Management:
         config = archive_config(path)
         if device is not None and config.get("deviceType") != device.value:
             path = retarget_archive(path, device)
-        name = name or path.name.split(".")[0]
-        if workers is None:  # the archive's own (tuned) worker count
-            workers = int(config.get("minWorkers") or 1)
-        # Batching TorchServe cannot read from an archive (maxBatchDelay 0) is passed explicitly.
+        return path, config
+
+    def _serve(self, run: RunDir, path: Path, config: dict[str, Any], name: str, version: str | None, settings: Workers, timeout: float) -> Registration:
+        """Register ``path`` as ``name`` (beside its other versions when ``version`` is given) and wait for READY workers."""
+        # Settings not given come from the archive: its (tuned) worker count, and the batching
+        # TorchServe cannot read from an archive (maxBatchDelay 0), which is passed explicitly.
         wanted = config.get("register") or {}
-        batch_size = wanted.get("batchSize") if batch_size is None else batch_size
-        max_batch_delay = wanted.get("maxBatchDelay") if max_batch_delay is None else max_batch_delay
-        try:
-            self.call("GET", f"/models/{name}")
-        except NotFound:
-            pass
-        else:
-            raise ScriptError(f"model {name!r} is already registered: ts-manage unregister {name} first, or give another --name")
+        workers = int(config.get("minWorkers") or 1) if settings.workers is None else settings.workers
+        batch_size = wanted.get("batchSize") if settings.batch_size is None else settings.batch_size
+        max_batch_delay = wanted.get("maxBatchDelay") if settings.max_batch_delay is None else settings.max_batch_delay
+        target = f"/models/{name}" + (f"/{version}" if version else "")
         since = _log_size(run)
         try:
             self.call("POST", "/models", url=path.name, model_name=name, initial_workers=workers, batch_size=batch_size,
-                      max_batch_delay=max_batch_delay, response_timeout=response_timeout, synchronous="true")
+                      max_batch_delay=max_batch_delay, response_timeout=settings.response_timeout, synchronous="true")
             # initial_workers is capped by the archive's maxWorkers: set both explicitly.
-            self.call("PUT", f"/models/{name}", min_worker=workers, max_worker=workers, synchronous="true")
-            ready = self.wait_ready(name, workers, timeout)
+            self.call("PUT", target, min_worker=workers, max_worker=workers, synchronous="true")
+            ready = self.wait_ready(name, workers, timeout, version)
         except ScriptError as err:
             # The reason is read before the unregister: that deletes the unpacked archive under
             # workers still retrying, whose later failures say only that files vanished.
             reason = load_failure(run, name, since)
             try:
-                self.call("DELETE", f"/models/{name}")
+                self.call("DELETE", target)
             except ScriptError:
                 pass
-            raise ScriptError(f"{err.message}; {name!r} is not registered{reason}") from None
+            what = f"{name!r}" + (f" version {version}" if version else "")
+            raise ScriptError(f"{err.message}; {what} is not registered{reason}") from None
         device_used = "GPU" if any(w.get("gpu") for w in ready) else "CPU"
-        batching = self.describe(name)[0]
+        batching = self.describe(name, version)[0]
         note = batching_note(int(batching.get("batchSize") or 1), int(batching.get("maxBatchDelay") or 0))
         return Registration(name, path.name, len(ready), device_used, placement(run, name, since), note)
 
@@ -357,6 +441,16 @@ def archive_config(archive: Path) -> dict[str, Any]:
     except (zipfile.BadZipFile, yaml.YAMLError) as err:
         raise ScriptError(f"{archive} is not a readable model archive: {err}") from None
     return config if isinstance(config, dict) else {}
+
+
+def archive_version(archive: Path) -> str:
+    """The model version an archive's MANIFEST.json says (TorchServe registers it under that)."""
+    try:
+        with zipfile.ZipFile(archive) as mar:
+            manifest = json.loads(mar.read(MANIFEST_ENTRY))
+        return str(manifest["model"]["modelVersion"])
+    except (zipfile.BadZipFile, KeyError, TypeError, ValueError) as err:
+        raise ScriptError(f"{archive} has no readable model version in its {MANIFEST_ENTRY}: {err}") from None
 
 
 def archive_device(archive: Path) -> str | None:

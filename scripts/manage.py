@@ -1,8 +1,9 @@
 """Talk to TorchServe's management API (installed as ``ts-manage``).
 
     ts-manage register net.mar --workers 2 --batch-size 8 --device cpu
+    ts-manage rollout net net.mar          # the rebuilt archive, a new version: no downtime
     ts-manage scale net --min 2 --max 4
-    ts-manage describe net | list | set-default net 1.0 | unregister net
+    ts-manage describe net [all] | list | set-default net 1.0 | unregister net
 
 It reads the management address, model store, GPU count and token from the
 server's run folder (``--run-dir``, written by ``ts-server start``). Every
@@ -19,7 +20,7 @@ from pathlib import Path
 
 from serveready.handlers.config import DeviceType
 
-from .client import Management
+from .client import Management, Workers
 from .runinfo import RunDir, ScriptError
 
 
@@ -33,12 +34,12 @@ def _parser() -> argparse.ArgumentParser:
     r = sub.add_parser("register", help="register an archive from the model store and wait for its workers")
     r.add_argument("archive", help="a .mar in the model store (name or path)")
     r.add_argument("--name", help="model name (default: the archive's name)")
-    r.add_argument("--workers", type=int, help="workers (default: the archive's minWorkers, else 1)")
-    r.add_argument("--batch-size", type=int, help="TorchServe batch size (default: the archive's)")
-    r.add_argument("--max-batch-delay", type=int, help="ms to wait to fill a batch (default: the archive's)")
-    r.add_argument("--response-timeout", type=int, help="seconds a worker may take per batch")
-    r.add_argument("--public-key", type=Path, help="refuse the archive unless NAME.mar.sig beside it verifies with this Ed25519 key (ts-archive sign)")
-    r.add_argument("--device", choices=[d.value for d in DeviceType], help="worker device (default: the archive's deviceType)")
+    _worker_options(r)
+    ro = sub.add_parser("rollout", help="replace a registered model by a new version of it, without downtime")
+    ro.add_argument("name", help="the registered model")
+    ro.add_argument("archive", help="a .mar in the model store whose version differs from the registered ones")
+    ro.add_argument("--keep-old", action="store_true", help="leave the old versions registered (back: ts-manage set-default NAME OLD)")
+    _worker_options(ro)
     s = sub.add_parser("scale", help="set the number of workers and wait for them")
     s.add_argument("name")
     s.add_argument("--min", type=int, required=True)
@@ -49,10 +50,20 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("list", help="registered models")
     d = sub.add_parser("describe", help="a model's versions, workers and settings (JSON)")
     d.add_argument("name")
+    d.add_argument("version", nargs="?", help="one version, or all (default: the default version)")
     sd = sub.add_parser("set-default", help="make a version the default one")
     sd.add_argument("name")
     sd.add_argument("version")
     return parser
+
+
+def _worker_options(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--workers", type=int, help="workers (default: the archive's minWorkers, else 1)")
+    command.add_argument("--batch-size", type=int, help="TorchServe batch size (default: the archive's)")
+    command.add_argument("--max-batch-delay", type=int, help="ms to wait to fill a batch (default: the archive's)")
+    command.add_argument("--response-timeout", type=int, help="seconds a worker may take per batch")
+    command.add_argument("--public-key", type=Path, help="refuse the archive unless NAME.mar.sig beside it verifies with this Ed25519 key (ts-archive sign)")
+    command.add_argument("--device", choices=[d.value for d in DeviceType], help="worker device (default: the archive's deviceType)")
 
 
 def run(args: argparse.Namespace) -> str:
@@ -62,6 +73,10 @@ def run(args: argparse.Namespace) -> str:
         device = DeviceType(args.device) if args.device else None
         return str(management.register(args.archive, args.name, args.workers, args.batch_size, args.max_batch_delay, args.response_timeout, device,
                                        args.timeout, args.public_key))
+    if args.command == "rollout":
+        settings = Workers(args.workers, args.batch_size, args.max_batch_delay, args.response_timeout)
+        device = DeviceType(args.device) if args.device else None
+        return str(management.rollout(args.name, args.archive, settings, device, args.timeout, args.public_key, args.keep_old))
     if args.command == "scale":
         return management.scale(args.name, args.min, args.max, args.timeout)
     if args.command == "unregister":
@@ -69,7 +84,7 @@ def run(args: argparse.Namespace) -> str:
     if args.command == "list":
         return json.dumps(management.models(), indent=2)
     if args.command == "describe":
-        return json.dumps(management.describe(args.name), indent=2)
+        return json.dumps(management.describe(args.name, args.version), indent=2)
     return management.set_default(args.name, args.version)
 
 
