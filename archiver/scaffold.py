@@ -107,7 +107,7 @@ def render(
         f"# `ts-archive build {name}` verifies, packs and measures it into model_store/{name}.mar.",
         "# Paths are relative to the folder that holds model_configs/.",
         f"name: {name}",
-        'version: "1.0"',
+        _line('version: "1.0"', "TorchServe's model version: raise it to `ts-manage rollout` a retrained model"),
         "",
         "model:",
         _line(f"  file: {model_file.as_posix()}", "shipped in the archive: import only torch and the standard library"),
