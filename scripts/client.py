@@ -55,6 +55,10 @@ class Registration:
         return f"registered {self.name} from {self.archive}: {self.workers} {self.device} worker(s) READY{said}{note}"
 
 
+#: seconds an old version's workers get to finish the batches they hold before it is unregistered
+DRAIN_SECONDS = 2.0
+
+
 @dataclass(frozen=True)
 class Workers:
     """Worker settings for a registration; None takes the archive's own (its tuned ``serve:``)."""
@@ -287,13 +291,16 @@ class Management:
         timeout: float = 120.0,
         public_key: Path | None = None,
         keep_old: bool = False,
+        drain: float = DRAIN_SECONDS,
     ) -> Rollout:
         """Replace the model ``name`` by ``archive`` (a new version of it) without a moment of downtime.
 
         The new version starts beside the old ones; only when its workers are READY (each ran
         the archive's sample at initialize) does it become the default version, and only then
-        are the old versions unregistered (``keep_old``: kept, for ``set-default`` back). New
-        version that cannot start: removed again, the old one serves on, the error says why.
+        are the old versions unregistered (``keep_old``: kept, for ``set-default`` back), once
+        their queues are empty and ``drain`` more seconds have passed: TorchServe 0.12 never
+        answers the requests a worker holds when it is stopped. New version that cannot start:
+        removed again, the old one serves on, the error says why.
 
         Raises:
             ScriptError: ``name`` not registered, the archive's version already registered,
@@ -314,9 +321,22 @@ class Management:
         registration = self._serve(run, path, config, name, version, workers or Workers(), timeout)
         self.set_default(name, version)
         if not keep_old:
+            self.drain(name, old, drain, timeout)
             for old_version in old:
                 self.unregister(name, old_version)
         return Rollout(registration, version, previous, [] if keep_old else old)
+
+    def drain(self, name: str, versions: list[str], grace: float, timeout: float) -> None:
+        """Wait until no request is queued for ``versions`` (no longer the default), then ``grace``
+        seconds for the batches their workers hold: a worker stopped mid-batch drops its requests
+        unanswered (TorchServe 0.12's "Unexpected job in sendError()")."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            pending = [int((v.get("jobQueueStatus") or {}).get("pendingRequests") or 0) for version in versions for v in self.describe(name, version)]
+            if not any(pending):
+                break
+            time.sleep(0.1)
+        time.sleep(grace)
 
     def _admitted(self, run: RunDir, archive: str | Path, device: DeviceType | None, public_key: Path | None) -> tuple[Path, dict[str, Any]]:
         """The archive to register (retargeted to ``device``) and its model-config, once it passed every check."""

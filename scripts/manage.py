@@ -20,7 +20,7 @@ from pathlib import Path
 
 from serveready.handlers.config import DeviceType
 
-from .client import Management, Workers
+from .client import DRAIN_SECONDS, Management, Workers
 from .runinfo import RunDir, ScriptError
 
 
@@ -39,6 +39,9 @@ def _parser() -> argparse.ArgumentParser:
     ro.add_argument("name", help="the registered model")
     ro.add_argument("archive", help="a .mar in the model store whose version differs from the registered ones")
     ro.add_argument("--keep-old", action="store_true", help="leave the old versions registered (back: ts-manage set-default NAME OLD)")
+    ro.add_argument("--drain", type=float, default=DRAIN_SECONDS, metavar="SECONDS",
+                    help="once no request is queued for the old versions, seconds their workers get to finish the batches they hold "
+                         "before they are stopped; make it longer than your slowest batch (default: %(default)s)")
     _worker_options(ro)
     s = sub.add_parser("scale", help="set the number of workers and wait for them")
     s.add_argument("name")
@@ -76,7 +79,7 @@ def run(args: argparse.Namespace) -> str:
     if args.command == "rollout":
         settings = Workers(args.workers, args.batch_size, args.max_batch_delay, args.response_timeout)
         device = DeviceType(args.device) if args.device else None
-        return str(management.rollout(args.name, args.archive, settings, device, args.timeout, args.public_key, args.keep_old))
+        return str(management.rollout(args.name, args.archive, settings, device, args.timeout, args.public_key, args.keep_old, args.drain))
     if args.command == "scale":
         return management.scale(args.name, args.min, args.max, args.timeout)
     if args.command == "unregister":

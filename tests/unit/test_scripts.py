@@ -142,6 +142,24 @@ def test_unregister_retries_torchserves_transient_500s(monkeypatch: pytest.Monke
         management.unregister("m")  # not a transient error: no retry
 
 
+def test_drain_waits_for_the_old_versions_queues_then_the_grace(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What makes a rollout lose nothing: TorchServe drops the batch a stopped worker holds (docs/reliability.md)."""
+    from serveready.scripts import client
+
+    pending = {"1.0": [3, 1, 0, 0], "1.5": [0, 2, 0, 0]}
+    events: list[object] = []
+
+    def call(self: client.Management, method: str, path: str, **params: object) -> object:
+        version = path.rsplit("/", 1)[1]
+        events.append(version)
+        return [{"modelVersion": version, "jobQueueStatus": {"remainingCapacity": 1000, "pendingRequests": pending[version].pop(0)}}]
+
+    monkeypatch.setattr(client.Management, "call", call)
+    monkeypatch.setattr(client.time, "sleep", lambda seconds: events.append(seconds))
+    client.Management("http://127.0.0.1:1", None).drain("m", ["1.0", "1.5"], grace=2.0, timeout=60.0)
+    assert events == ["1.0", "1.5", 0.1, "1.0", "1.5", 0.1, "1.0", "1.5", 2.0]
+
+
 def test_load_failure_quotes_the_first_reason_after_the_mark(tmp_path: Path) -> None:
     """Workers retried after the first failure may fail otherwise (their unpacked archive being deleted)."""
     from serveready.scripts.client import load_failure
