@@ -57,6 +57,10 @@ class Registration:
 
 #: seconds an old version's workers get to finish the batches they hold before it is unregistered
 DRAIN_SECONDS = 2.0
+#: what stopping workers under traffic costs, said whenever ``scale`` stops some
+SCALE_DOWN_NOTE = ("TorchServe 0.12 stops the extra workers at once, mid-batch: under traffic, a request one of them held gets "
+                   "\"Worker died.\" (500) or no answer at all (docs/reliability.md); clients need a timeout and a retry, "
+                   "or scale down when traffic is low")
 
 
 @dataclass(frozen=True)
@@ -239,10 +243,13 @@ class Management:
             time.sleep(0.5)
 
     def scale(self, name: str, minimum: int, maximum: int | None = None, timeout: float = 120.0) -> str:
+        """Set the default version's worker range and wait for ``minimum`` READY workers."""
         maximum = minimum if maximum is None else maximum
+        before = len(self.describe(name)[0].get("workers") or [])
         self.call("PUT", f"/models/{name}", min_worker=minimum, max_worker=maximum, synchronous="true")
         ready = self.wait_ready(name, minimum, timeout)
-        return f"scaled {name}: {len(ready)} worker(s) READY (min {minimum}, max {maximum})"
+        note = f"\nnote: {SCALE_DOWN_NOTE}" if maximum < before else ""
+        return f"scaled {name}: {len(ready)} worker(s) READY (min {minimum}, max {maximum}){note}"
 
     def register(
         self,

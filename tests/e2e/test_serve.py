@@ -168,8 +168,11 @@ def test_only_archives_from_the_model_store_load(registered: RunDir, tmp_path: P
 
 def test_scale_set_default_and_unregister(registered: RunDir, api: Api) -> None:
     scaled = ts_manage(registered, "scale", "net_batched", "--min", "2")
-    assert scaled.returncode == 0 and scaled.stdout.startswith("scaled net_batched: 2 worker(s) READY")
+    assert scaled.returncode == 0 and scaled.stdout.startswith("scaled net_batched: 2 worker(s) READY") and "note:" not in scaled.stdout
     assert len(_describe(registered, "net_batched")["workers"]) == 2
+    down = ts_manage(registered, "scale", "net_batched", "--min", "1")
+    assert down.returncode == 0 and len(_describe(registered, "net_batched")["workers"]) == 1
+    assert down.stdout.splitlines()[1].startswith("note: TorchServe 0.12 stops the extra workers at once, mid-batch")
     default = ts_manage(registered, "set-default", "net_batched", "1.0")
     assert default.returncode == 0 and "net_batched" in default.stdout
     gone = ts_manage(registered, "unregister", "net_batched")
