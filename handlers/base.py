@@ -319,14 +319,14 @@ class BatchHandler:
             began = time.perf_counter()
             outputs, attributions = self.attribute(batch)
             stats.timed("explain", began)
+            pairs = zip(items, torch.split(outputs, sizes), torch.split(attributions, sizes), strict=True)
+            return [self.encode_explanation(item, out, attr) for item, out, attr in pairs]
         except HandlerError:
             raise
         except Exception as err:
             # The client did nothing wrong: keep details in the log, not the answer.
             logger.exception("%s failed", "explanation" if explain else "inference")
             raise _prediction_error("inference failed: internal error, see the model log", 500) from err
-        pairs = zip(items, torch.split(outputs, sizes), torch.split(attributions, sizes), strict=True)
-        return [self.encode_explanation(item, out, attr) for item, out, attr in pairs]
 
     def _on_device(self, target: torch.Tensor | int) -> torch.Tensor | int:
         return target.to(self.device) if isinstance(target, torch.Tensor) else target

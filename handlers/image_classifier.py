@@ -141,11 +141,15 @@ class ImageClassifierHandler(BatchHandler):
         return self._inputs(value).reshape(self.input_shape)
 
     def encode_explanation(self, item: Decoded, outputs: torch.Tensor, attributions: torch.Tensor) -> dict[str, Any]:
+        """One image: its top k, ``input`` and ``attributions``; KServe v1/v2's several: a list of each, per image."""
         shape = (GRID, GRID) if self.options.preprocess == "digits" else self.input_shape
+        if item.protocol == protocols.OWN and item.rows.shape[0] == 1:
+            return {**self.encode(item, outputs), "input": item.rows.reshape(shape).tolist(), "attributions": attributions.reshape(shape).tolist()}
+        images = item.rows.shape[0]
         return {
-            **self.encode(item, outputs),
-            "input": item.rows.reshape(shape).tolist(),
-            "attributions": attributions.reshape(shape).tolist(),
+            **self.encode_v1(item, outputs),
+            "input": item.rows.reshape(images, *shape).tolist(),
+            "attributions": attributions.reshape(images, *shape).tolist(),
         }
 
     def _image(self, data: bytes) -> torch.Tensor:

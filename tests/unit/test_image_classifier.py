@@ -158,3 +158,16 @@ def test_explanation_attributions_add_up_to_the_logit(digits_dir: Path, digits_s
     with torch.inference_mode():
         gap = (model(SPLIT.x_test[3:4])[0, target] - model(torch.zeros(1, 1, 8, 8))[0, target]).item()
     assert attributions.sum() == pytest.approx(gap, rel=0.05, abs=0.05)
+
+
+def test_kserve_explanations_of_several_images_answer_each(digits_dir: Path) -> None:
+    """KServe v1 :explain with several instances: per image its top k, input and attributions, each as alone."""
+    handler, context = _ready(digits_dir, 1, explain=True)
+    grids = [_ink(i).tolist() for i in range(3)]
+    [many] = handled(handler, [{"body": {"instances": grids}}], context)
+    assert np.array(many["input"]).shape == np.array(many["attributions"]).shape == (3, 8, 8) and len(many["predictions"]) == 3
+    for i, grid in enumerate(grids):
+        [alone] = handled(handler, [{"body": {"inputs": grid}}], context)
+        assert [p["index"] for p in many["predictions"][i]] == [p["index"] for p in alone["predictions"]]
+        np.testing.assert_allclose([p["probability"] for p in many["predictions"][i]], [p["probability"] for p in alone["predictions"]], rtol=1e-4, atol=1e-7)
+        np.testing.assert_allclose(many["attributions"][i], alone["attributions"], rtol=1e-4, atol=1e-5)
