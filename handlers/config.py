@@ -230,7 +230,7 @@ class ImageOptions(HandlerOptions):
     preprocess: Literal["standard", "digits"] = option("standard", doc="standard: resize/crop/normalise (torchvision conventions); digits: sklearn's 8x8 ink grid")
     classes_file: str | None = option(None, doc="class names: JSON {index: name} or [names], or text with one name per line")
     top_k: int = option(3, minimum=1, doc="classes answered by default; a request may ask for 1..classes")
-    max_pixels: int = option(25_000_000, minimum=1, doc="larger images get 400, checked before decoding")
+    max_pixels: int = option(25_000_000, minimum=1, doc="larger images get 400, checked before decoding; so do images resize would make larger")
     resize: tuple[int, ...] | None = option(None, minimum=1, doc="[size]: shorter side to size, keeping aspect; [h, w]: exactly")
     crop: tuple[int, ...] | None = option(None, minimum=1, doc="[size] or [h, w] centre crop after resize")
     mean: tuple[float, ...] | None = option(None, doc="per-channel mean subtracted after scaling to 0..1")

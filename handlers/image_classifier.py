@@ -158,7 +158,7 @@ class ImageClassifierHandler(BatchHandler):
             return to_digit_grid(image)
         channels, height, width = self.input_shape
         o = self.options
-        return standard_input(image, channels, (height, width), o.resize, o.crop, o.mean, o.std)
+        return standard_input(image, channels, (height, width), o.resize, o.crop, o.mean, o.std, o.max_pixels)
 
     def _inputs(self, inputs: Any) -> torch.Tensor:
         if self.options.preprocess == "digits":

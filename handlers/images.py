@@ -131,6 +131,7 @@ def standard_input(
     crop: tuple[int, ...] | None = None,
     mean: tuple[float, ...] | None = None,
     std: tuple[float, ...] | None = None,
+    max_pixels: int | None = None,
 ) -> torch.Tensor:
     """The (channels, height, width) float input of an ordinary image classifier.
 
@@ -141,12 +142,22 @@ def standard_input(
         resize: [size] (shorter side, aspect kept) or [height, width].
         crop: [size] or [height, width], taken from the centre after resizing.
         mean, std: per channel (or one for all), applied to values scaled to 0..1.
+        max_pixels: refuse an image whose resized size would be larger (a 100000x1 PNG of a few
+            hundred bytes would otherwise become 25600000x256 pixels and exhaust the worker's memory).
+
+    Raises:
+        InvalidInput: the resized image would exceed ``max_pixels``.
     """
-    image = image.convert("RGB" if channels == 3 else "L")
     if resize is None and crop is None:
         resize = size
     if resize is not None:
         target = resized_size(*image.size, resize)
+        if max_pixels is not None and target[0] * target[1] > max_pixels:
+            raise InvalidInput(f"image is {image.size[0]}x{image.size[1]}: resizing its shorter side to {resize[0]} would make it "
+                               f"{target[0]}x{target[1]} = {target[0] * target[1]} pixels, more than the limit of {max_pixels}; "
+                               "send a less elongated image")
+    image = image.convert("RGB" if channels == 3 else "L")
+    if resize is not None:
         if target != image.size:
             image = image.resize(target, Image.Resampling.BILINEAR)
     if crop is not None:

@@ -87,6 +87,9 @@ BAD = [
     (json.dumps({"pixels": []}), 'send a PNG/JPEG body, or JSON {"image": "<base64>"} or {"inputs": 3 x 32 x 32 numbers}'),
     (json.dumps({"inputs": [[[0.0] * 32] * 32] * 3, "k": 5}), "k must be a whole number from 1 to 4, got 5"),
     (base64.b64decode("R0lGODlhAQABAAAAACw="), "not a PNG or JPEG image"),
+    # 100000x1 pixels in a few hundred bytes: resized to a shorter side of 40 it would be 4,000,000x40
+    (picture((100_000, 1), "RGB", "PNG", 3), "image is 100000x1: resizing its shorter side to 40 would make it 4000000x40 = 160000000 pixels, "
+                                              "more than the limit of 25000000; send a less elongated image"),
 ]
 
 
