@@ -150,16 +150,14 @@ def standard_input(
     """
     if resize is None and crop is None:
         resize = size
-    if resize is not None:
-        target = resized_size(*image.size, resize)
-        if max_pixels is not None and target[0] * target[1] > max_pixels:
-            raise InvalidInput(f"image is {image.size[0]}x{image.size[1]}: resizing its shorter side to {resize[0]} would make it "
-                               f"{target[0]}x{target[1]} = {target[0] * target[1]} pixels, more than the limit of {max_pixels}; "
-                               "send a less elongated image")
+    target = image.size if resize is None else resized_size(*image.size, resize)
+    if resize is not None and max_pixels is not None and target[0] * target[1] > max_pixels:
+        raise InvalidInput(f"image is {image.size[0]}x{image.size[1]}: resizing its shorter side to {resize[0]} would make it "
+                           f"{target[0]}x{target[1]} = {target[0] * target[1]} pixels, more than the limit of {max_pixels}; "
+                           "send a less elongated image")
     image = image.convert("RGB" if channels == 3 else "L")
-    if resize is not None:
-        if target != image.size:
-            image = image.resize(target, Image.Resampling.BILINEAR)
+    if target != image.size:
+        image = image.resize(target, Image.Resampling.BILINEAR)
     if crop is not None:
         image = center_crop(image, crop[0], crop[-1])
     width, height = image.size

@@ -93,6 +93,11 @@ class Rollout:
                 f"default now {self.version} (was {self.previous}){kept}{note}")
 
 
+def _model_path(name: str, version: str | None = None) -> str:
+    """The management API's path of a model, or of one of its versions."""
+    return f"/models/{name}" + (f"/{version}" if version else "")
+
+
 def batching_note(batch_size: int, max_batch_delay: int) -> str:
     """Why waiting to fill batches is a risk with TorchServe 0.12, or "" when it does not wait."""
     if batch_size <= 1 or max_batch_delay <= 0:
@@ -207,14 +212,14 @@ class Management:
 
     def describe(self, name: str, version: str | None = None) -> list[dict[str, Any]]:
         """The model's default version (or ``version``), as TorchServe describes it."""
-        found = self.call("GET", f"/models/{name}" + (f"/{version}" if version else ""))
+        found = self.call("GET", _model_path(name, version))
         return found if isinstance(found, list) else [found]
 
     def unregister(self, name: str, version: str | None = None, attempts: int = 5) -> str:
         """Unregister; retried when TorchServe 0.12 trips over its own state (HTTP 500: a
         ConcurrentModificationException or a NullPointerException on a job, seen when a model is
         removed right after heavy traffic)."""
-        path = f"/models/{name}" + (f"/{version}" if version else "")
+        path = _model_path(name, version)
         for attempt in range(attempts):
             try:
                 return str(self.call("DELETE", path).get("status", f"unregistered {name}"))
@@ -373,7 +378,7 @@ class Management:
         workers = int(config.get("minWorkers") or 1) if settings.workers is None else settings.workers
         batch_size = wanted.get("batchSize") if settings.batch_size is None else settings.batch_size
         max_batch_delay = wanted.get("maxBatchDelay") if settings.max_batch_delay is None else settings.max_batch_delay
-        target = f"/models/{name}" + (f"/{version}" if version else "")
+        target = _model_path(name, version)
         since = _log_size(run)
         try:
             self.call("POST", "/models", url=path.name, model_name=name, initial_workers=workers, batch_size=batch_size,
