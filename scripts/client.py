@@ -49,10 +49,18 @@ class Registration:
     #: batching that TorchServe cannot keep its promises with (see :func:`batching_note`)
     note: str = ""
 
-    def __str__(self) -> str:
+    @property
+    def ready(self) -> str:
+        """Its workers and what they say they run with, as ``ts-manage`` prints them."""
         said = f"; it runs with {self.runs_with}" if self.runs_with else ""
-        note = f"\nnote: {self.note}" if self.note else ""
-        return f"registered {self.name} from {self.archive}: {self.workers} {self.device} worker(s) READY{said}{note}"
+        return f"{self.workers} {self.device} worker(s) READY{said}"
+
+    @property
+    def note_line(self) -> str:
+        return f"\nnote: {self.note}" if self.note else ""
+
+    def __str__(self) -> str:
+        return f"registered {self.name} from {self.archive}: {self.ready}{self.note_line}"
 
 
 #: seconds an old version's workers get to finish the batches they hold before it is unregistered
@@ -85,12 +93,9 @@ class Rollout:
 
     def __str__(self) -> str:
         r = self.registration
-        said = f"; it runs with {r.runs_with}" if r.runs_with else ""
         kept = (f"; unregistered {', '.join(self.removed)}" if self.removed
                 else f"; {self.previous} still registered (back: ts-manage set-default {r.name} {self.previous})")
-        note = f"\nnote: {r.note}" if r.note else ""
-        return (f"rolled out {r.name} {self.version} from {r.archive}: {r.workers} {r.device} worker(s) READY{said}; "
-                f"default now {self.version} (was {self.previous}){kept}{note}")
+        return f"rolled out {r.name} {self.version} from {r.archive}: {r.ready}; default now {self.version} (was {self.previous}){kept}{r.note_line}"
 
 
 def _model_path(name: str, version: str | None = None) -> str:

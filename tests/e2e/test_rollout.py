@@ -7,11 +7,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -21,10 +19,9 @@ from serveready.scripts.client import Inference
 from serveready.scripts.runinfo import RunDir
 from tests.conftest import reference_net, repack
 from tests.e2e.conftest import serving
+from tests.e2e.test_faults import ROWS, Load
 from tests.e2e.test_serve import ts_manage
 from tests.e2e.test_trust import _wrong_shapes
-
-ROW = np.linspace(-1, 1, 10, dtype=np.float32).reshape(1, 10)
 
 
 @pytest.fixture(scope="module")
@@ -47,45 +44,12 @@ def live(net_archive: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         yield run
 
 
-class Traffic:
-    """Eight clients asking for predictions until stopped; each answer's value, or the error it was."""
-
-    def __init__(self, run: RunDir) -> None:
-        self.run, self.stopped = run, threading.Event()
-        self.values: list[float] = []
-        self.errors: list[str] = []
-        self.threads = [threading.Thread(target=self._client) for _ in range(8)]
-
-    def _client(self) -> None:
-        client = Inference.from_run(self.run)
-        client.retries = 0  # a lost request must show, not be sent again
-        while not self.stopped.is_set():
-            reply = client.post("net", json.dumps({"inputs": ROW.tolist()}).encode(), "application/json")
-            if reply.status_code == 200:
-                self.values.append(reply.json()["predictions"][0][0])
-            else:
-                self.errors.append(f"{reply.status_code} {reply.text[:80]}")
-
-    def __enter__(self) -> Traffic:
-        for thread in self.threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self.stopped.set()
-        for thread in self.threads:
-            thread.join(timeout=60)
-
-    def count(self, expected: float) -> int:
-        return sum(1 for v in self.values if abs(v - expected) <= 1e-4 * max(1.0, abs(expected)))
-
-
 def _expected(weights: Path) -> float:
-    return float(reference_net(weights, ROW)[0][0])
+    return float(reference_net(weights, ROWS[:1])[0][0])
 
 
 def _predict(run: RunDir) -> float:
-    reply = Inference.from_run(run).post("net", json.dumps({"inputs": ROW.tolist()}).encode(), "application/json")
+    reply = Inference.from_run(run).post("net", json.dumps({"inputs": ROWS[:1].tolist()}).encode(), "application/json")
     assert reply.status_code == 200, reply.text
     return reply.json()["predictions"][0][0]
 
@@ -99,14 +63,14 @@ def _versions(run: RunDir) -> list[str]:
 def test_a_new_version_takes_over_under_load_without_losing_a_request(live: RunDir, net_spec: ModelSpec, versions: dict) -> None:  # noqa: ANN001
     archive, weights = versions["2.0"]
     (live.model_store / "net.mar").write_bytes(archive.read_bytes())  # rebuilt in place, as `ts-archive build` does
-    with Traffic(live) as traffic:
+    with Load(live, "net", 8, [reference_net(net_spec.weights, ROWS), reference_net(weights, ROWS)], helper=False) as load:
         done = ts_manage(live, "rollout", "net", "net.mar")
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("rolled out net 2.0 from net.mar: 2 CPU worker(s) READY")
     assert "default now 2.0 (was 1.0); unregistered 1.0" in done.stdout
-    old, new = traffic.count(_expected(net_spec.weights)), traffic.count(_expected(weights))
-    assert traffic.errors == [] and old + new == len(traffic.values), (traffic.errors[:5], old, new, len(traffic.values))
-    assert old > 0 and new > 0
+    seen = load.seen  # no retries: a lost request shows as a status other than 200, or as hung
+    assert set(seen.statuses) == {200} and seen.hung == seen.wrong == 0, seen
+    assert seen.matched[0] > 0 and seen.matched[1] > 0, seen  # answered by 1.0, then by 2.0
     assert _versions(live) == ["2.0"]
 
 
@@ -119,12 +83,13 @@ def test_a_version_already_registered_is_refused_before_anything_changes(live: R
 def test_a_new_version_that_cannot_start_leaves_the_old_one_serving(live: RunDir, versions: dict) -> None:  # noqa: ANN001
     archive, _ = versions["3.0"]
     repack(archive, live.model_store / "net-3.0-broken.mar", _wrong_shapes)
-    with Traffic(live) as traffic:
+    with Load(live, "net", 8, [reference_net(versions["2.0"][1], ROWS)], helper=False) as load:
         done = ts_manage(live, "rollout", "net", "net-3.0-broken.mar")
     assert done.returncode == 1
     assert "'net' version 3.0 is not registered; the worker said:" in done.stderr and "does not fit" in done.stderr
     assert _versions(live) == ["2.0"]
-    assert traffic.errors == [] and traffic.count(_expected(versions["2.0"][1])) == len(traffic.values) > 0, traffic.errors[:5]
+    seen = load.seen
+    assert set(seen.statuses) == {200} and seen.hung == seen.wrong == 0 and seen.matched[0] > 0, seen
 
 
 def test_keep_old_leaves_a_way_back(live: RunDir, versions: dict) -> None:  # noqa: ANN001
