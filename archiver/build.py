@@ -19,8 +19,7 @@ import os
 import shutil
 import sys
 import tempfile
-import zipfile
-from collections.abc import Callable, Iterator, MutableMapping
+from collections.abc import Iterator, MutableMapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -34,17 +33,15 @@ from model_archiver.model_packaging_utils import ModelExportUtils
 from torch import nn
 
 import serveready
-from serveready.handlers.config import ModelOptions, parse, to_mapping
-from serveready.handlers.errors import ConfigError, ModelLoadError
-from serveready.handlers.loaders import Loaded, load_model
+from serveready.handlers.archive import CONFIG_ENTRY, ENTRY_FILE, LIBRARY_DIR, LIBRARY_KEY, REGISTER_KEY, RESERVED_NAMES, Archive, normalize
+from serveready.handlers.config import to_mapping
+from serveready.handlers.engine import Engine, ModelSource
+from serveready.handlers.errors import ArchiveError, ConfigError, ModelLoadError
 from serveready.handlers.runtime import load_eager_model
 
 from . import evaluate
-from .datasets import DataFile
-from .entries import ENTRY_MODULE, HANDLERS_DIR, check_top_level_name
+from .entries import HANDLERS_DIR, check_top_level_name
 from .errors import ArchiverError
-from .integrity import normalize, refusal
-from .integrity import verify as verify_archive
 from .report import write_report
 from .spec import ModelSpec
 from .training import is_stale
@@ -90,32 +87,6 @@ def check_sample(spec: ModelSpec, model: Model) -> torch.Tensor:
     return out
 
 
-REGISTER_KEY = "register"
-CONFIG_ENTRY = "model-config.yaml"
-
-
-def rewrite_model_config(archive: Path, target: Path, change: Callable[[dict[str, Any]], None]) -> Path:
-    """Copy ``archive`` to ``target`` with ``change`` applied to its model-config.yaml (TorchServe's
-    register call cannot set the device or handler options: an archive that says them can).
-
-    The copy gets its own SHA256SUMS, so ``archive`` must pass its own check first: a changed
-    archive is never laundered into one that passes.
-    """
-    problems = verify_archive(archive)
-    if problems:
-        raise ArchiverError(refusal(archive.name, problems))
-    with zipfile.ZipFile(archive) as src, zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED) as dst:
-        for item in src.infolist():
-            data = src.read(item)
-            if item.filename == CONFIG_ENTRY:
-                config = yaml.safe_load(data) or {}
-                change(config)
-                data = yaml.safe_dump(config, sort_keys=False).encode()
-            dst.writestr(item, data)
-    normalize(target)
-    return target
-
-
 def model_config(spec: ModelSpec) -> dict[str, Any]:
     """The archive's ``model-config.yaml``: TorchServe's keys plus the handler's options and how to load the model.
 
@@ -123,6 +94,8 @@ def model_config(spec: ModelSpec) -> dict[str, Any]:
     100 ms: a lone client would wait 100 ms. So "batch only what is queued" (``batchSize`` > 1,
     delay 0) is written as ``batchSize: 1`` for a plain TorchServe (no wait either) plus a
     ``register:`` section that ``ts-manage register`` passes explicitly, where 0 is honoured.
+    ``serveready:`` says which library version built it and which handler class serves it
+    (``serveready.load`` reads it).
     """
     serve = to_mapping(spec.serve)
     extra: dict[str, Any] = {}
@@ -130,7 +103,8 @@ def model_config(spec: ModelSpec) -> dict[str, Any]:
         extra[REGISTER_KEY] = {"batchSize": serve["batchSize"], "maxBatchDelay": 0}
         serve["batchSize"] = 1
         del serve["maxBatchDelay"]
-    return {**serve, **extra, "handler": to_mapping(spec.handler_options), "model": to_mapping(spec.model_options)}
+    library = {"version": serveready.__version__, "handler": spec.handler.qualified}
+    return {**serve, **extra, "handler": to_mapping(spec.handler_options), "model": to_mapping(spec.model_options), LIBRARY_KEY: library}
 
 
 def pack(spec: ModelSpec, store: Path) -> Path:
@@ -146,14 +120,14 @@ def pack(spec: ModelSpec, store: Path) -> Path:
         work = Path(tmp)
         extra = work / "extra"
         ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-        shutil.copytree(HANDLERS_DIR, extra / "serveready" / "handlers", ignore=ignore)
-        shutil.copy2(serveready.__file__, extra / "serveready" / "__init__.py")
+        shutil.copytree(HANDLERS_DIR, extra / LIBRARY_DIR / "handlers", ignore=ignore)
+        shutil.copy2(serveready.__file__, extra / LIBRARY_DIR / "__init__.py")
         for path, name in [*spec.handler.files, *[(p, p.name) for p in spec.extra_files]]:
             if path.is_dir():
                 shutil.copytree(path, extra / name, ignore=ignore)
             else:
                 shutil.copy2(path, extra / name)
-        entry = work / f"{ENTRY_MODULE}.py"
+        entry = work / ENTRY_FILE
         entry.write_text(spec.handler.entry_source())
         config_file = work / CONFIG_ENTRY
         header = f"# written by serveready {serveready.__version__} from {spec.source.name}: TorchServe's keys, then the handler's\n"
@@ -179,13 +153,16 @@ def pack(spec: ModelSpec, store: Path) -> Path:
     return store / spec.archive_name
 
 
-def load_archive(archive: Path, into: Path, device: torch.device | None = None) -> Loaded:
-    """Unpack an archive and load its model with the handler's own loader, as a worker would (CPU by default)."""
-    with zipfile.ZipFile(archive) as mar:
-        mar.extractall(into)
+def load_packed(archive: Path, into: Path, device: torch.device | None = None) -> Engine:
+    """Unpack an archive and initialize it as a worker would (options checked, model loaded and run on its
+    sample, handler set up), on the CPU unless ``device`` says otherwise, leaving torch's threads alone."""
+    Archive(archive).unpack(into)
     manifest = json.loads((into / "MAR-INF" / "MANIFEST.json").read_text())
-    config = yaml.safe_load((into / CONFIG_ENTRY).read_text()) or {}
-    return load_model(into, manifest, parse(ModelOptions, config.get("model"), "model"), device or torch.device("cpu"))
+    config = Archive(archive).config
+    from serveready.handlers.host import handler_class_of
+
+    gpu = device.index or 0 if device is not None and device.type == "cuda" else None
+    return Engine(handler_class_of(into, config), ModelSource(into, manifest, config, name=archive.stem, gpu_id=gpu, threads=0))
 
 
 def build(spec: ModelSpec, store: Path) -> Path:
@@ -210,9 +187,9 @@ def build_measured(spec: ModelSpec, store: Path, references: MutableMapping[str,
         (scratch / "store").mkdir()
         archive = pack(spec, scratch / "store")
         try:
-            model = load_archive(archive, scratch / "unpacked").run
-            spec.handler.handler_class.check_outputs(spec.handler_options, scratch / "unpacked", check_sample(spec, model))
-        except (ConfigError, ModelLoadError) as err:
+            model = load_packed(archive, scratch / "unpacked").model
+            check_sample(spec, model)
+        except (ConfigError, ModelLoadError, ArchiveError) as err:
             raise ArchiverError(f"{spec.name}: {err.message}{_train_hint(spec)}") from err
         if spec.kind == "fp32":
             references[spec.name] = model
@@ -243,7 +220,7 @@ def inputs(spec: ModelSpec) -> list[Path]:
     paths = [spec.source, spec.model_file, *spec.extra_files, *LIBRARY_CODE]
     for path, _ in spec.handler.files:
         paths += list(path.rglob("*.py")) if path.is_dir() else [path]
-    if isinstance(spec.data, DataFile):
+    if spec.data is not None:
         paths.append(spec.data.path)
     if spec.base is not None:
         paths += [spec.base.source, spec.base.weights] + ([spec.weights] if spec.weights.exists() else [])
@@ -259,7 +236,7 @@ def is_built(spec: ModelSpec, store: Path) -> bool:
     if not archive.exists():
         return False
     built = archive.stat().st_mtime
-    return all(p.exists() and p.stat().st_mtime <= built for p in inputs(spec)) and not verify_archive(archive)
+    return all(p.exists() and p.stat().st_mtime <= built for p in inputs(spec)) and not Archive(archive).problems()
 
 
 def build_all(specs: list[ModelSpec], store: Path, report_md: Path | None = None, if_stale: bool = False) -> list[Path]:
@@ -290,7 +267,7 @@ def build_all(specs: list[ModelSpec], store: Path, report_md: Path | None = None
 
 
 def _check_archive_names(spec: ModelSpec, names: list[str]) -> None:
-    taken = {"serveready", f"{ENTRY_MODULE}.py", CONFIG_ENTRY, "MAR-INF"}
+    taken = set(RESERVED_NAMES)
     for name in names:
         if name in taken:
             raise ArchiverError(f"{spec.name}: two files would be {name!r} in the archive: rename one")

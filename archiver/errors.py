@@ -1,11 +1,7 @@
-"""The archiver's one error root: everything it refuses to build says why."""
+"""The archiver's errors: :class:`ArchiverError` in the package's one tree (``serveready.handlers.errors``)."""
 
 from __future__ import annotations
 
+from serveready.handlers.errors import ArchiveError, ArchiverError, ConfigError, ModelLoadError
 
-class ArchiverError(Exception):
-    """A model config, weights file or archive the archiver refuses, with the reason."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
+__all__ = ["ArchiveError", "ArchiverError", "ConfigError", "ModelLoadError"]

@@ -1,9 +1,8 @@
 """Measurements of a built archive: size, parameters, held-out quality, fidelity to fp32, latency.
 
 Every archive gets the same measurements, so variants compare on one table. Quality
-and fidelity need held-out data (a training recipe's split, or the user's ``data:``
-file); without data they are left out of the report, and a ``fidelity:`` bound
-cannot be checked, so it is refused.
+and fidelity need held-out data (the config's ``data:`` file); without data they are left
+out of the report, and a ``fidelity:`` bound cannot be checked, so it is refused.
 """
 
 from __future__ import annotations

@@ -21,10 +21,10 @@ from typing import Any
 
 import yaml
 
-from .build import rewrite_model_config
+from serveready.handlers.archive import DEFAULT_JOB_QUEUE_SIZE, Archive
+
 from .errors import ArchiverError
-from .signing import signature_path
-from .spec import DEFAULT_JOB_QUEUE_SIZE, ModelSpec
+from .spec import ModelSpec
 
 MOUNT = "/mnt/models"
 PROTOCOLS = ("v1", "v2")
@@ -138,11 +138,11 @@ def export(spec: ModelSpec, archive: Path, out: Path, deployment: Deployment) ->
     if deployment.gpu:
         # TorchServe's workers use a GPU only when the archive says deviceType gpu (a copy with new sums;
         # a signature of the original would not fit it, so none is copied).
-        rewrite_model_config(archive, target, lambda config: config.update(deviceType="gpu"))
+        Archive(archive).rewrite(target, lambda config: config.update(deviceType="gpu"))
     else:
         shutil.copy2(archive, target)
-        if signature_path(archive).is_file():
-            shutil.copy2(signature_path(archive), folder / "model-store")
+        if Archive(archive).signature_path.is_file():
+            shutil.copy2(Archive(archive).signature_path, folder / "model-store")
     (folder / "config" / "config.properties").write_text(config_properties(spec, archive.name))
     manifest = yaml.safe_dump(inference_service(spec, deployment), sort_keys=False)
     (folder / "inferenceservice.yaml").write_text(f"# ts-archive kserve: copy {folder} to {deployment.storage_uri.rstrip('/')}/{spec.name}, then kubectl apply -f this\n" + manifest)

@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 from torch import nn
 
-from serveready.handlers import BUILTIN_HANDLERS
+from serveready.handlers import BUILTINS, builtin
 from serveready.handlers.config import to_mapping
 from serveready.handlers.errors import ModelLoadError
 from serveready.handlers.runtime import build_module
@@ -100,7 +100,7 @@ def render(
     classes_file: Path | None,
 ) -> str:
     """The starter config's text."""
-    options = BUILTIN_HANDLERS[handler].options_type
+    options = builtin(handler).options_type
     shape_doc = "[rows, features]" if handler == "tabular" else "[batch, channels, height, width]"
     lines = [
         f"# {name}: written by `ts-archive init` on {datetime.date.today().isoformat()}.",
@@ -119,7 +119,7 @@ def render(
     ]
     if classes_file is not None:
         lines.append(_line(f"extra_files: [{classes_file.as_posix()}]", "travels in the archive"))
-    lines += ["", "handler:", _line(f"  entry: {handler}", f"built-in: {' | '.join(BUILTIN_HANDLERS)}; or my_handler.py, or package.module:Class")]
+    lines += ["", "handler:", _line(f"  entry: {handler}", f"built-in: {' | '.join(BUILTINS)}; or my_handler.py, or package.module:Class")]
     given = {"classes_file": classes_file.name} if classes_file is not None else {}
     defaults = {**to_mapping(options()), **_examples(handler, sample_shape)}
     for spec in dataclasses.fields(options):

@@ -1,10 +1,10 @@
 """A model's build spec, read and validated from its YAML file in ``model_configs/``.
 
 Paths in the YAML are relative to the user's folder: the parent of the folder that
-holds the config (``<folder>/model_configs/net.yaml`` -> ``<folder>``). Every section
-is typed: ``handler:`` by the handler kind's options class, ``training:`` by its
-recipe's, ``variant:`` by its kind's, ``serve:``, ``data:`` and ``fidelity:`` by the
-classes below. A bad key or value is an :class:`ArchiverError` naming the file and
+holds the config (``<folder>/model_configs/net.yaml`` -> ``<folder>``; a symlinked config
+counts from the folder of the file it links to). Every section is typed: ``handler:`` by
+the handler kind's options class, ``training:`` by its hook's, ``variant:`` by its kind's,
+``serve:``, ``data:`` and ``fidelity:`` by the classes below. A bad key or value is an :class:`ArchiverError` naming the file and
 the key, before anything is trained or packed.
 """
 
@@ -18,23 +18,19 @@ from typing import Any, Literal
 
 import yaml
 
+from serveready.handlers.archive import DEFAULT_JOB_QUEUE_SIZE
 from serveready.handlers.config import DeviceType, HandlerOptions, ModelOptions, option, parse, to_mapping
-from serveready.handlers.errors import ConfigError
 
-from . import datasets
+from .datasets import DataFile
 from .entries import HandlerEntry, check_top_level_name, resolve
-from .errors import ArchiverError
-from .training import RECIPES, TrainingOptions
+from .errors import ArchiverError, ConfigError
+from .training import TrainingHook, resolve_hook
 from .variants import KINDS, VariantKind, VariantOptions
 
 # TorchServe's own rule for model names (model-archiver checks the same).
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-.]*$")
 #: Top-level keys of a model config.
 _KEYS = ("name", "version", "description", "base", "model", "weights", "extra_files", "handler", "training", "data", "variant", "fidelity", "serve")
-
-
-#: Requests TorchServe queues per model before it answers 503; its own default, 100, overflows at ~100 clients.
-DEFAULT_JOB_QUEUE_SIZE = 1000
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -98,8 +94,8 @@ class ModelSpec:
     model_kwargs: Mapping[str, Any] = field(default_factory=dict)
     sample_shape: tuple[int, ...] = ()
     extra_files: tuple[Path, ...] = ()
-    training: TrainingOptions | None = None
-    data_file: datasets.DataFile | None = None
+    training: TrainingHook | None = None
+    data_file: DataFile | None = None
     serve: ServeOptions = field(default_factory=ServeOptions)
     description: str = ""
     base: ModelSpec | None = None
@@ -125,12 +121,9 @@ class ModelSpec:
         return self.base.origin if self.base else self
 
     @property
-    def data(self) -> datasets.Source | None:
-        """Where the origin's held-out data come from: a data file, its training recipe, or nowhere."""
-        origin = self.origin
-        if origin.data_file is not None:
-            return origin.data_file
-        return origin.training.source(origin) if origin.training is not None else None
+    def data(self) -> DataFile | None:
+        """The origin's held-out (and training) data: its ``data:`` file, or None."""
+        return self.origin.data_file
 
     @property
     def model_options(self) -> ModelOptions:
@@ -215,7 +208,7 @@ def _spec(path: Path, root: Path, raw: dict[str, Any]) -> ModelSpec:
         handler=entry,
         handler_options=parse(entry.handler_class.options_type, {k: v for k, v in handler.items() if k != "entry"}, "handler"),
         extra_files=tuple(root / p for p in extra),
-        training=_training(raw.get("training")) if base is None else None,
+        training=resolve_hook(raw["training"], root) if base is None and raw.get("training") is not None else None,
         data_file=_data(raw.get("data"), root),
         serve=parse(ServeOptions, raw.get("serve"), "serve"),
         source=path,
@@ -246,17 +239,6 @@ def _known(section: Mapping[str, Any], name: str, keys: tuple[str, ...]) -> None
             raise ConfigError(f"{name}.{key} is not a known key (known: {', '.join(keys)})")
 
 
-def _training(raw: Any) -> TrainingOptions | None:
-    if raw is None:
-        return None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"training must be a mapping, got {type(raw).__name__}")
-    recipe = raw.get("recipe")
-    if recipe not in RECIPES:
-        raise ConfigError(f"training.recipe must be one of {', '.join(map(repr, RECIPES))}, got {recipe!r}")
-    return parse(RECIPES[recipe].options, raw, "training")
-
-
 def _variant(raw: dict[str, Any]) -> VariantOptions:
     kind = raw.get("kind")
     kinds = [k for k, v in KINDS.items() if v.derive is not None]
@@ -265,11 +247,11 @@ def _variant(raw: dict[str, Any]) -> VariantOptions:
     return parse(KINDS[kind].options, raw, "variant")
 
 
-def _data(raw: Any, root: Path) -> datasets.DataFile | None:
+def _data(raw: Any, root: Path) -> DataFile | None:
     if raw is None:
         return None
     options = parse(DataOptions, raw, "data")
-    return datasets.DataFile(root / options.file, options.task)
+    return DataFile(root / options.file, options.task)
 
 
 def _read(path: Path) -> dict[str, Any]:

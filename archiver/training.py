@@ -1,68 +1,116 @@
-"""Training recipes: each turns a spec into a saved state_dict and its held-out score.
+"""Training hooks: a function in the user's folder that a config names, run by ``ts-archive train``.
 
-A recipe is named by a spec's ``training.recipe``; its entry in :data:`RECIPES` says
-which options the ``training:`` section takes (a typed dataclass) and how to train.
-Its data come from :mod:`datasets`, so variants are calibrated, distilled and measured
-on the very split the model was trained and evaluated on.
+    training:
+      recipe: train.py:fit       # a file (or package.module) in your folder, and the function in it
+      seed: 0                    # the rest: the hook's own options
+      epochs: 300
+
+The hook is ``def fit(job: TrainingJob, options: MyOptions) -> dict[str, float]``: ``job`` says
+where the model file, class, weights and data file are and builds a fresh model; ``options``
+is the ``training:`` section without ``recipe``, validated against the annotation's frozen
+dataclass (made with :func:`serveready.handlers.option`, so a bad value names its key at
+build time, as handler options do). A hook without an ``options`` parameter takes no options.
+It trains, saves with ``job.save(model, metrics)`` (a reproducible state_dict and the held-out
+metrics beside it) and, to give the report and the data-hungry variants their rows,
+``job.save_data(...)`` into the config's ``data:`` file. The library ships no recipe: the
+repo's own models train with hooks in ``examples/net/train.py`` and ``examples/digits/train.py``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import io
 import json
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+import typing
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from serveready.handlers.config import option
+from serveready.handlers.config import parse
 from serveready.handlers.runtime import build_module
 
-from . import datasets
-from .errors import ArchiverError
+from .entries import Named, import_named
+from .errors import ArchiverError, ConfigError
 
 if TYPE_CHECKING:
     from .spec import ModelSpec
 
-
-@dataclass(frozen=True, kw_only=True)
-class RegressionTraining:
-    """``training: {recipe: regression}``: the article's loop on a generated linear task."""
-
-    recipe: Literal["regression"] = "regression"
-    seed: int = option(0, minimum=0, doc="seeds the data and the weights: the same seed gives the same file")
-    samples: int = option(2000, minimum=2, doc="rows generated in all")
-    holdout: float = option(0.2, minimum=0.01, maximum=0.99, doc="fraction of rows held out")
-    noise: float = option(0.1, minimum=0, doc="standard deviation of the target's noise")
-    epochs: int = option(300, minimum=1)
-    lr: float = option(0.05, minimum=0)
-
-    def source(self, spec: ModelSpec) -> datasets.Source:
-        return datasets.Regression(self.seed, self.samples, spec.sample_shape[-1], self.holdout, self.noise)
+#: What 0.2's built-in recipes became (their code moved to the repo's example folders).
+_MOVED = {"regression": "examples/net/train.py:fit", "digits": "examples/digits/train.py:fit"}
 
 
-@dataclass(frozen=True, kw_only=True)
-class DigitsTraining:
-    """``training: {recipe: digits}``: cross-entropy on scikit-learn's digits."""
+@dataclass(frozen=True)
+class TrainingJob:
+    """What a training hook is told about the model it trains, and how it saves what it made."""
 
-    recipe: Literal["digits"] = "digits"
-    seed: int = option(0, minimum=0)
-    holdout: float = option(0.2, minimum=0.01, maximum=0.99)
-    epochs: int = option(25, minimum=1)
-    batch_size: int = option(64, minimum=1)
-    lr: float = option(0.002, minimum=0)
-    augment: bool = option(False, doc="also train on each digit re-made through the image path")
+    name: str
+    #: the user's folder (the one holding model_configs/)
+    root: Path
+    model_file: Path
+    model_class: str
+    model_kwargs: Mapping[str, Any]
+    sample_shape: tuple[int, ...]
+    #: where the state_dict goes
+    weights: Path
+    #: the config's ``data:`` file, where the held-out (and training) rows go; None without one
+    data_file: Path | None = None
 
-    def source(self, spec: ModelSpec) -> datasets.Source:
-        return datasets.Digits(self.seed, self.holdout)
+    def build_model(self) -> nn.Module:
+        """A fresh instance of the model class with the config's kwargs (seed torch first for the same weights)."""
+        return build_module(self.model_file, self.model_class, self.model_kwargs)
+
+    def save(self, model: nn.Module, metrics: Mapping[str, float] | None = None) -> Path:
+        """Write the model's ``state_dict`` to ``weights`` (the same weights give the same bytes) and the
+        metrics to ``<weights>.metrics.json``."""
+        self.weights.parent.mkdir(parents=True, exist_ok=True)
+        # Through a buffer: torch.save names the zip's root folder after the file,
+        # so the same weights would otherwise differ by file name.
+        buffer = io.BytesIO()
+        torch.save(model.state_dict(), buffer)
+        self.weights.write_bytes(buffer.getvalue())
+        metrics_path(self.weights).write_text(json.dumps(dict(metrics or {}), indent=2) + "\n")
+        return self.weights
+
+    def save_data(self, x_test: torch.Tensor, y_test: torch.Tensor, x_train: torch.Tensor | None = None,
+                  y_train: torch.Tensor | None = None) -> Path:
+        """Write the split to the config's ``data:`` file, as ``data: {file: ...}`` reads it."""
+        if self.data_file is None:
+            raise ArchiverError(f"{self.name}: the hook saves data, but the config has no data: section to say where")
+        split = {"x_test": x_test, "y_test": y_test, **({"x_train": x_train, "y_train": y_train} if x_train is not None else {})}
+        self.data_file.parent.mkdir(parents=True, exist_ok=True)
+        buffer = io.BytesIO()
+        torch.save(split, buffer)
+        self.data_file.write_bytes(buffer.getvalue())
+        return self.data_file
 
 
-TrainingOptions = RegressionTraining | DigitsTraining
+@dataclass(frozen=True)
+class TrainingHook:
+    """A resolved ``training:`` section: the function, where it comes from, and its validated options."""
+
+    named: Named
+    options: Any
+
+    @property
+    def function(self) -> Callable[..., Any]:
+        return self.named.obj
+
+    @property
+    def path(self) -> Path | None:
+        return self.named.path
+
+    def run(self, job: TrainingJob) -> dict[str, float]:
+        takes_options = len(inspect.signature(self.function).parameters) >= 2
+        metrics = self.function(job, self.options) if takes_options else self.function(job)
+        if metrics is not None and not isinstance(metrics, Mapping):
+            raise ArchiverError(f"{job.name}: training hook {self.named.written!r} returned {type(metrics).__name__}, expected a dict of metrics (or None)")
+        return dict(metrics or {})
 
 
 @dataclass(frozen=True)
@@ -73,117 +121,62 @@ class TrainResult:
     metrics: dict[str, float]
 
 
-def metrics_path(spec: ModelSpec) -> Path:
+def metrics_path(weights: Path) -> Path:
     """Where a model's held-out metrics are recorded, next to its weights."""
-    return spec.weights.with_suffix(".metrics.json")
+    return weights.with_suffix(".metrics.json")
 
 
-@contextmanager
-def _deterministic(seed: int) -> Iterator[None]:
-    # One thread: float sums then run in one order, so a seed gives one weights file.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(seed)
+def resolve_hook(raw: Any, root: Path) -> TrainingHook:
+    """A config's ``training:`` section, resolved and its options validated.
+
+    Raises:
+        ConfigError: no recipe, a recipe of 0.2 (with the form that replaced it), options that do not fit.
+        ArchiverError: the file or function cannot be imported.
+    """
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"training must be a mapping, got {type(raw).__name__}")
+    recipe = raw.get("recipe")
+    if recipe in _MOVED:
+        raise ConfigError(f"training.recipe {recipe!r} was a recipe built into serveready 0.2; training code now lives in your "
+                          f"folder and the config names it: training: {{recipe: train.py:fit, ...}} (this repo's: {_MOVED[recipe]}; "
+                          "see CHANGELOG.md)")
+    if not isinstance(recipe, str) or not recipe.strip() or (":" not in recipe and not recipe.endswith(".py")):
+        raise ConfigError(f"training.recipe must name a function in your folder, e.g. train.py:fit or package.module:fit, got {recipe!r}")
+    named = import_named(recipe, root, "training.recipe", _pick_function, shipped=False)
+    values = {k: v for k, v in raw.items() if k != "recipe"}
+    return TrainingHook(named, _options(named, values))
+
+
+def _pick_function(module: Any, name: str, written: str) -> tuple[str, Any]:
+    name = name or "fit"
+    function = getattr(module, name, None)
+    if not callable(function) or isinstance(function, type):
+        raise ArchiverError(f"training.recipe {written!r}: no function {name!r} there")
+    parameters = list(inspect.signature(function).parameters)
+    if not 1 <= len(parameters) <= 2:
+        raise ArchiverError(f"training.recipe {written!r}: {name} must take (job) or (job, options), it takes ({', '.join(parameters)})")
+    return name, function
+
+
+def _options(named: Named, values: dict[str, Any]) -> Any:
+    parameters = list(inspect.signature(named.obj).parameters)
+    if len(parameters) < 2:
+        if values:
+            raise ConfigError(f"training.{sorted(values)[0]} is not a known key: {named.written} takes no options")
+        return None
     try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _progress(name: str, epoch: int, epochs: int, loss: float) -> None:
-    if epoch % max(epochs // 10, 1) == 0 or epoch == epochs:
-        sys.stderr.write(f"\r  {name}: epoch {epoch}/{epochs} train loss {loss:.5f}")
-        if epoch == epochs:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
-
-
-def train_regression(spec: ModelSpec) -> TrainResult:
-    """The article's training loop, with the targets it forgot to define."""
-    cfg: RegressionTraining = spec.training  # type: ignore[assignment]
-    data = datasets.load(cfg.source(spec))
-    epochs = cfg.epochs
-    with _deterministic(cfg.seed):
-        model = build_module(spec.model_file, spec.model_class, spec.model_kwargs)
-        criterion = nn.MSELoss()
-        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-        inputs, targets = data.x_train, data.y_train
-        model.train()
-        for epoch in range(1, epochs + 1):
-            optimizer.zero_grad()
-            outputs = model(inputs)
-            loss = criterion(outputs, targets)
-            loss.backward()
-            optimizer.step()
-            _progress(spec.name, epoch, epochs, loss.item())
-        model.eval()
-        with torch.inference_mode():
-            test_mse = criterion(model(data.x_test), data.y_test).item()
-    metrics = {"heldout_mse": test_mse, "noise_floor_mse": cfg.noise**2, "train_rows": len(inputs), "heldout_rows": len(data.x_test)}
-    return TrainResult(_save(spec, model, metrics), metrics)
-
-
-def _remade_through_image_path(images: torch.Tensor) -> torch.Tensor:
-    """Each 8x8 digit blown up to a 32x32 picture and converted back as served images are."""
-    from PIL import Image
-
-    from serveready.handlers.images import to_digit_grid
-
-    def picture(image: torch.Tensor) -> Image.Image:
-        pixels = (image[0].repeat_interleave(4, 0).repeat_interleave(4, 1) * 255).round().to(torch.uint8)
-        return Image.fromarray(pixels.numpy(), "L")
-
-    return torch.stack([to_digit_grid(picture(image)) for image in images]).unsqueeze(1)
-
-
-def train_digits(spec: ModelSpec) -> TrainResult:
-    """Cross-entropy on scikit-learn's digits, seeded mini-batches, held-out accuracy."""
-    cfg: DigitsTraining = spec.training  # type: ignore[assignment]
-    seed = cfg.seed
-    data = datasets.load(cfg.source(spec))
-    x_train, y_train = data.x_train, data.y_train
-    assert x_train is not None and y_train is not None
-    if cfg.augment:
-        x_train = torch.cat([x_train, _remade_through_image_path(x_train)])
-        y_train = torch.cat([y_train, y_train])
-    epochs, batch = cfg.epochs, cfg.batch_size
-    with _deterministic(seed):
-        model = build_module(spec.model_file, spec.model_class, spec.model_kwargs)
-        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-        order = torch.Generator().manual_seed(seed)
-        for epoch in range(1, epochs + 1):
-            model.train()
-            for idx in torch.randperm(len(x_train), generator=order).split(batch):
-                optimizer.zero_grad()
-                loss = nn.functional.cross_entropy(model(x_train[idx]), y_train[idx])
-                loss.backward()
-                optimizer.step()
-            _progress(spec.name, epoch, epochs, loss.item())
-        model.eval()
-        with torch.inference_mode():
-            accuracy = (model(data.x_test).argmax(dim=1) == data.y_test).float().mean().item()
-    metrics = {"heldout_accuracy": accuracy, "train_rows": len(x_train), "heldout_rows": len(data.x_test)}
-    return TrainResult(_save(spec, model, metrics), metrics)
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """A training recipe: the options its ``training:`` section takes, and the loop."""
-
-    options: type[TrainingOptions]
-    train: Callable[[ModelSpec], TrainResult]
-
-
-RECIPES: dict[str, Recipe] = {
-    "regression": Recipe(RegressionTraining, train_regression),
-    "digits": Recipe(DigitsTraining, train_digits),
-}
+        hint = typing.get_type_hints(named.obj).get(parameters[1])
+    except Exception:  # an annotation that cannot be evaluated: take the mapping as it is
+        hint = None
+    if hint is not None and dataclasses.is_dataclass(hint):
+        return parse(hint, values, "training")
+    return dict(values)
 
 
 def is_stale(spec: ModelSpec) -> bool:
     """True when there is something to (re)make: weights missing, or older than anything they come from.
 
-    A model without a ``training:`` recipe is never stale: its weights are the user's.
+    A model without a ``training:`` hook is never stale: its weights are the user's.
     A missing input counts as newer, so the run that follows names it.
     """
     if spec.base is None and spec.training is None:
@@ -199,28 +192,35 @@ def is_stale(spec: ModelSpec) -> bool:
 
 def made_by(spec: ModelSpec) -> list[Path]:
     """The code that writes this spec's weights: retraining follows when it changes."""
-    from . import variants
+    if spec.base is not None:
+        from . import variants
 
-    return [Path(datasets.__file__), Path(__file__ if spec.base is None else variants.__file__)]
+        return [Path(variants.__file__)]
+    if spec.training is not None:
+        path = spec.training.path
+        if path is not None:
+            return list(path.rglob("*.py")) if path.is_dir() else [path]
+    return []
+
+
+def job_for(spec: ModelSpec) -> TrainingJob:
+    """The job a training hook is handed for ``spec``."""
+    root = spec.source.parent.parent
+    data = spec.data_file.path if spec.data_file is not None else None
+    return TrainingJob(spec.name, root, spec.model_file, spec.model_class, dict(spec.model_kwargs), spec.sample_shape, spec.weights, data)
 
 
 def train(spec: ModelSpec) -> TrainResult:
-    """Train ``spec`` with its recipe and save ``state_dict`` only; a variant is derived from its base."""
+    """Train ``spec`` with its hook and save ``state_dict`` only; a variant is derived from its base."""
     if spec.base is not None:
         from .variants import derive
 
         return TrainResult(derive(spec), {})
     if spec.training is None:
         raise ArchiverError(f"{spec.name}: {spec.source.name} has no training: section; its weights ({spec.weights}) come from you")
-    return RECIPES[spec.training.recipe].train(spec)
-
-
-def _save(spec: ModelSpec, model: nn.Module, metrics: dict[str, float]) -> Path:
-    spec.weights.parent.mkdir(parents=True, exist_ok=True)
-    # Through a buffer: torch.save names the zip's root folder after the file,
-    # so the same weights would otherwise differ by file name.
-    buffer = io.BytesIO()
-    torch.save(model.state_dict(), buffer)
-    spec.weights.write_bytes(buffer.getvalue())
-    metrics_path(spec).write_text(json.dumps(metrics, indent=2) + "\n")
-    return spec.weights
+    job = job_for(spec)
+    metrics = spec.training.run(job)
+    if not spec.weights.is_file():
+        raise ArchiverError(f"{spec.name}: training hook {spec.training.named.written!r} wrote no weights to {spec.weights}: call job.save(model, metrics)")
+    sys.stderr.flush()
+    return TrainResult(spec.weights, metrics)

@@ -1,4 +1,4 @@
-"""``ts-archive tune NAME``: measure serving settings on this machine and write the best into the config.
+"""``ts-archive tune NAME``: the settings to try, how to pick among them, and writing the pick into the config.
 
 What NVIDIA's Model Analyzer does for Triton, for TorchServe: start a TorchServe on free
 loopback ports, register the built archive with each candidate setting (workers x batch
@@ -11,6 +11,7 @@ most one more, so every batch size above 2 behaves alike; with ``batchSize: 1`` 
 is never used. Workers times threads never exceed the cores. Then two stages: every
 candidate is screened at the lowest and highest concurrency for a short time, and only
 the best ``keep`` (by the geometric mean of their requests/s) are measured at every level.
+The sweep itself, which starts a TorchServe and drives it, is in ``serveready.scripts.tune``.
 """
 
 from __future__ import annotations
@@ -22,15 +23,15 @@ import math
 import os
 import re
 import statistics
-import tempfile
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from .build import rewrite_model_config
+from serveready.handlers.archive import Archive
+
 from .errors import ArchiverError
 from .spec import ModelSpec
 
@@ -213,13 +214,11 @@ def write_choice(config_file: Path, chosen: Measurement, note: str) -> None:
 
 def with_threads(archive: Path, threads: int, target: Path) -> Path:
     """A copy of ``archive`` whose model-config sets ``handler.torch_threads`` (the register call cannot)."""
-    return rewrite_model_config(archive, target, lambda config: config.setdefault("handler", {}).update(torch_threads=threads))
+    Archive(archive).rewrite(target, lambda config: config.setdefault("handler", {}).update(torch_threads=threads))
+    return target
 
 
 # -- the sweep ------------------------------------------------------------------
-
-Progress = Callable[[str], None]
-
 
 @dataclass(frozen=True)
 class SweepPlan:
@@ -234,94 +233,7 @@ class SweepPlan:
     lone_slowdown: float | None = 1.25
 
 
-def sweep(archive: Path, body: bytes, content_type: str, grid: Sequence[Candidate], plan: SweepPlan, progress: Progress) -> list[Measurement]:
-    """Measure ``grid`` on a TorchServe of our own: screen each at the lowest and highest concurrency, then the
-    best ``keep`` side by side at every level, ``repeats`` times interleaved (medians)."""
-    from serveready.scripts.client import Management
-    from serveready.scripts.loadgen import Load, run_wrk, wrk_path
-    from serveready.scripts.runinfo import ScriptError, TokenKind
-    from serveready.scripts.server import isolated, start, stop
-
-    wrk_path()
-    with tempfile.TemporaryDirectory(prefix="ts-tune-") as tmp:
-        store = Path(tmp, "store")
-        store.mkdir()
-        request = Path(tmp, "request.body")
-        request.write_bytes(body)
-        for t in sorted({c.threads for c in grid}):
-            with_threads(archive, t, store / f"tune_t{t}.mar")
-        try:
-            run = start(isolated(Path(tmp, "run"), store))
-        except ScriptError as err:
-            raise ArchiverError(f"could not start TorchServe for tuning: {err.message}") from None
-        try:
-            management = Management.from_run(run)
-            token = run.token(TokenKind.INFERENCE)
-
-            def register(c: Candidate) -> Load:
-                management.register(f"tune_t{c.threads}.mar", name=_model_name(c), workers=c.workers, batch_size=c.batch_size, max_batch_delay=c.max_batch_delay)
-                return Load(f"{run.inference_url}/predictions/{_model_name(c)}", request, content_type, token)
-
-            def unregister(name: str) -> None:
-                try:
-                    management.unregister(name)
-                except ScriptError as err:  # it stays registered, idle, under a name no later candidate uses
-                    progress(f"  (could not unregister {name}: {err.message})")
-
-            def point(load: Load, level: int, seconds: float) -> Point:
-                r = run_wrk(load, level, seconds)
-                return Point(level, round(r.rps, 1), round(r.p50_ms, 3), round(r.p99_ms, 3), r.errors)
-
-            # Stage 1: one candidate at a time, at the lowest and highest concurrency.
-            screen_levels = tuple(sorted({min(plan.levels), max(plan.levels)}))
-            screened = []
-            for i, c in enumerate(grid, 1):
-                load = register(c)
-                try:
-                    run_wrk(load, max(screen_levels), plan.warmup_seconds if i == 1 else 1)  # not measured
-                    m = Measurement(c, tuple(point(load, level, plan.screen_seconds) for level in screen_levels))
-                finally:
-                    unregister(_model_name(c))
-                screened.append(m)
-                progress(f"[screen {i}/{len(grid)}] {c.label}: " + ", ".join(f"c={p.concurrency} {p.rps:,.0f}/s p99 {p.p99_ms:.1f} ms" for p in m.points))
-            # Finalists: the best that pass the lone-client check at screening, plus the best that
-            # does not (measured beside them, it shows what waiting for a batch would buy).
-            passing = lone_ok(screened, plan.lone_slowdown)
-            best = sorted(passing, key=lambda m: -m.score)[: plan.keep]
-            waiting = sorted((m for m in screened if m not in passing), key=lambda m: -m.score)[:1]
-            finalists = [m.candidate for m in best + waiting]
-            # Stage 2: the finalists side by side, every level, interleaved and repeated; medians.
-            loads = {c: register(c) for c in finalists}
-            try:
-                for load in loads.values():
-                    run_wrk(load, max(plan.levels), 1)
-                samples: dict[tuple[Candidate, int], list[Point]] = {}
-                total, done = plan.repeats * len(plan.levels) * len(finalists), 0
-                for rep in range(plan.repeats):
-                    order = finalists[rep % len(finalists):] + finalists[:rep % len(finalists)]
-                    for level in plan.levels:
-                        for c in order:
-                            sample = point(loads[c], level, plan.seconds)
-                            samples.setdefault((c, level), []).append(sample)
-                            done += 1
-                            progress(f"[measure {done}/{total}] {c.label}: c={level} {sample.rps:,.0f}/s p50 {sample.p50_ms:.2f} p99 {sample.p99_ms:.1f} ms")
-            finally:
-                for c in loads:
-                    unregister(_model_name(c))
-            measured = [Measurement(c, tuple(_median(samples[(c, level)]) for level in plan.levels)) for c in finalists]
-            return measured + [m for m in screened if m.candidate not in finalists]
-        except ScriptError as err:
-            raise ArchiverError(f"tuning failed: {err.message}") from None
-        finally:
-            stop(run.path)
-
-
-def _model_name(c: Candidate) -> str:
-    """The name a candidate is registered under on the tuning server."""
-    return "tune_" + c.label.replace(" ", "_")
-
-
-def _median(points: Sequence[Point]) -> Point:
+def median(points: Sequence[Point]) -> Point:
     """One point from repeats: the median of each number (a stall in one repeat does not decide)."""
     return Point(points[0].concurrency, round(statistics.median(p.rps for p in points), 1), round(statistics.median(p.p50_ms for p in points), 3),
                  round(statistics.median(p.p99_ms for p in points), 3), sum(p.errors for p in points))
@@ -446,7 +358,7 @@ def default_request(spec: ModelSpec) -> tuple[bytes, str]:
     if issubclass(cls, ImageClassifierHandler):
         from PIL import Image, ImageDraw
 
-        side = 64 if getattr(spec.handler_options, "preprocess", "") == "digits" else max(int(spec.sample_shape[-1]), 8)
+        side = max(int(spec.sample_shape[-1]), 64)
         image = Image.new("RGB", (side, side), "white")
         ImageDraw.Draw(image).ellipse((side // 4, side // 6, 3 * side // 4, 5 * side // 6), outline="black", width=max(side // 10, 1))
         buffer = io.BytesIO()
@@ -469,6 +381,6 @@ def store_archive(store: Path, name: str) -> Path:
 
 __all__ = [
     "Candidate", "Measurement", "Point", "SweepPlan", "candidates", "store_archive", "cores", "default_request",
-    "lone_ok", "note_for", "pareto_front", "pick", "plot", "report", "set_section_keys", "sweep", "table", "with_threads", "write_choice",
+    "lone_ok", "median", "note_for", "pareto_front", "pick", "plot", "report", "set_section_keys", "table", "with_threads", "write_choice",
 ]
 

@@ -128,7 +128,7 @@ def _save_state(model: nn.Module, path: Path) -> None:
 def _split(spec: ModelSpec, purpose: str) -> datasets.Split:
     source = spec.data
     if source is None:
-        raise ArchiverError(f"{spec.name}: {purpose} needs data: give {spec.origin.source.name} a training: recipe or a data: file")
+        raise ArchiverError(f"{spec.name}: {purpose} needs data: give {spec.origin.source.name} a data: file")
     return datasets.load(source)
 
 

@@ -16,7 +16,8 @@ An archive's ``model-config.yaml`` holds TorchServe's own keys plus two sections
       kwargs: {in_features: 10, hidden: 20}
       sample_shape: [2, 10]
 
-Only the standard library: this module travels inside every archive.
+Only the standard library: this module travels inside every archive, and the management
+tools import it without torch.
 """
 
 from __future__ import annotations
@@ -212,7 +213,7 @@ class HandlerOptions:
 
     torch_threads: int | None = option(None, minimum=1, doc="torch threads per worker; default: cores / maxWorkers")
     ig_steps: int = option(50, minimum=1, maximum=10_000, doc="Integrated Gradients steps for /explanations")
-    metrics: bool = option(True, doc="the handler's own Prometheus counters (about 25 us per batch)")
+    metrics: bool = option(True, doc="the handler's own counters, handed to the host once a second, not per batch")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -225,9 +226,8 @@ class TabularOptions(HandlerOptions):
 
 @dataclass(frozen=True, kw_only=True)
 class ImageOptions(HandlerOptions):
-    """One image in, its top-k classes out; ``preprocess`` picks how an image becomes the model's input."""
+    """One image in, its top-k classes out; resized, cropped and normalised as torchvision does."""
 
-    preprocess: Literal["standard", "digits"] = option("standard", doc="standard: resize/crop/normalise (torchvision conventions); digits: sklearn's 8x8 ink grid")
     classes_file: str | None = option(None, doc="class names: JSON {index: name} or [names], or text with one name per line")
     top_k: int = option(3, minimum=1, doc="classes answered by default; a request may ask for 1..classes")
     max_pixels: int = option(25_000_000, minimum=1, doc="larger images get 400, checked before decoding; so do images resize would make larger")
@@ -243,8 +243,6 @@ class ImageOptions(HandlerOptions):
                 raise ConfigError(f"{key} must be [size] or [height, width], got {list(value)}")
         if self.std is not None and any(s <= 0 for s in self.std):
             raise ConfigError(f"std must be positive, got {list(self.std)}")
-        if self.preprocess == "digits" and any(getattr(self, k) is not None for k in ("resize", "crop", "mean", "std")):
-            raise ConfigError("preprocess 'digits' makes its own 8x8 input: resize, crop, mean and std do not apply")
 
 
 @dataclass(frozen=True, kw_only=True)

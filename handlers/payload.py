@@ -1,10 +1,11 @@
-"""Turn request bodies into validated numeric rows.
+"""One request as a host hands it over, and its body turned into validated numeric rows.
 
 Only the standard library and torch: a TorchServe host need not have numpy.
-TorchServe hands each request to the handler as a dict whose ``body`` (or
-``data``) is bytes, text, or JSON already decoded by the worker when the
-client said ``Content-Type: application/json``. Everything here raises
-:class:`InvalidInput` with a message that names the problem.
+TorchServe hands each request to the handler as a dict of fields whose ``body`` (or
+``data``) is bytes, text (``text/*``), or JSON already decoded by the worker when the
+client said ``Content-Type: application/json``; :class:`Request` wraps that dict and the
+request's headers, for every host alike. Everything here raises :class:`InvalidInput`
+with a message that names the problem.
 """
 
 from __future__ import annotations
@@ -18,9 +19,45 @@ import torch
 
 from .errors import InvalidInput
 
+_UNSET = object()
+
 _BODY_KEYS = ("body", "data")
 _FLOAT32_MAX = torch.finfo(torch.float32).max
 _NUMBER_TYPES = {int, float}  # exactly: bool is an int subclass, and `true` is not a number
+
+
+class Request:
+    """One request: its fields as TorchServe gives them (``body``, or form fields), its headers, and whether
+    it asks for an explanation (``/explanations``, ``:explain``).
+
+    Header names are lower-case. :meth:`json` decodes the body once, whichever code asks first.
+    """
+
+    __slots__ = ("fields", "headers", "explain", "_document")
+
+    def __init__(self, fields: Mapping[str, Any], headers: Mapping[str, str] | None = None, explain: bool = False) -> None:
+        self.fields = fields
+        self.headers: Mapping[str, str] = headers if headers is not None else {}
+        self.explain = explain
+        self._document: Any = _UNSET
+
+    @property
+    def body(self) -> Any:
+        """The body: bytes, text, or the JSON the host already decoded (see :func:`request_body`)."""
+        return request_body(self.fields)
+
+    def json(self) -> Any:
+        """The body as JSON (decoded here unless the host did), or InvalidInput saying why it is not."""
+        if self._document is _UNSET:
+            self._document = decode_json(self.body)
+        return self._document
+
+    def looks_like_json(self) -> bool:
+        """True when the body is JSON already decoded, or bytes/text that open with ``{``."""
+        body = self.body
+        if isinstance(body, (dict, list)):
+            return True
+        return isinstance(body, (bytes, bytearray, str)) and body[:64].lstrip()[:1] in (b"{", "{")
 
 
 def request_body(request: Mapping[str, Any]) -> Any:

@@ -1,4 +1,4 @@
-"""KServe v1 and the Open Inference Protocol (v2) beside the handlers' own JSON.
+"""The wire formats, written once around every handler: its own JSON, KServe v1, the Open Inference Protocol v2.
 
 TorchServe routes ``/v1/models/NAME:predict`` and ``/v2/models/NAME/infer`` to the same handler
 as ``/predictions/NAME`` without saying which was called, so the body tells:
@@ -6,15 +6,18 @@ as ``/predictions/NAME`` without saying which was called, so the body tells:
     {"instances": [...]}                                   KServe v1
     {"inputs": [{"name", "shape", "datatype", "data"}]}    Open Inference Protocol v2 (JSON)
     header Inference-Header-Content-Length: N              v2 with Triton's binary-data extension
-    anything else                                          the handler's own JSON, or image bytes
+    anything else                                          the handler's own format (JSON, an image...)
+
+Each protocol is a :class:`Codec`: it turns a request into the handler's :class:`Decoded` rows
+(the own format through ``handler.decode``, v1 instances and v2 tensors through
+``handler.decode_instances``) and output rows into the protocol's answer, explanation or
+error body. A handler never sees which protocol a request came in.
 
 Only the standard library and torch: this module travels inside every archive.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import math
 import struct
@@ -23,10 +26,10 @@ from typing import Any
 
 import torch
 
-from .errors import InvalidInput
-from .payload import decode_json, request_body
+from .base import OWN, BatchHandler, Decoded
+from .errors import HandlerError, InvalidInput
+from .payload import Request, decode_json
 
-OWN = "own"
 V1 = "kserve-v1"
 V2 = "oip-v2"
 
@@ -45,13 +48,14 @@ MAX_ELEMENTS = 1 << 24
 
 @dataclass(frozen=True)
 class Tensor:
-    """One validated v2 input: numbers as a float32 tensor of ``shape``, or BYTES elements."""
+    """One validated v2 input: numbers as a float32 tensor of ``shape``, or BYTES elements
+    (``bytes`` from the binary extension, ``str`` from JSON)."""
 
     name: str
     shape: tuple[int, ...]
     datatype: str
     numbers: torch.Tensor | None = None
-    items: tuple[bytes, ...] = ()
+    items: tuple[bytes | str, ...] = ()
 
 
 def announced(headers: Any) -> str:
@@ -59,19 +63,19 @@ def announced(headers: Any) -> str:
     return V2 if headers.get(BINARY_HEADER) is not None else OWN
 
 
-def sniff(request: Any, headers: Any) -> tuple[str, Any]:
+def sniff(request: Request) -> tuple[str, Any]:
     """(protocol, document): the request's JSON document when it has one (parsed once), else None.
 
     Raises:
         InvalidInput: the body cannot be read, or a v2 binary request is malformed.
     """
-    body = request_body(request)
+    body = request.body
     if isinstance(body, dict):  # TorchServe decoded application/json: no binary extension (and no header lookup)
         document = body
-    elif (length := headers.get(BINARY_HEADER)) is not None:
+    elif (length := request.headers.get(BINARY_HEADER)) is not None:
         return V2, _binary_document(body, length)
-    elif isinstance(body, (bytes, bytearray, str)) and (body[:64].lstrip()[:1] in (b"{", "{")):
-        document = decode_json(body)
+    elif request.looks_like_json():
+        document = request.json()
     else:
         return OWN, None
     if isinstance(document, dict):
@@ -197,18 +201,13 @@ def _bytes_items(data: bytes) -> list[bytes]:
     return items
 
 
-def _json_bytes(data: Any, name: str) -> list[bytes]:
-    """BYTES elements in JSON: base64 strings (of PNG/JPEG files, for images)."""
+def _json_bytes(data: Any, name: str) -> list[str]:
+    """BYTES elements in JSON: strings, handed to the handler as they are (base64 image files, texts)."""
     flat = _flatten(data, name)
-    items = []
     for i, value in enumerate(flat):
         if not isinstance(value, str):
-            raise InvalidInput(f"v2: input {name!r} element {i} must be a base64 string")
-        try:
-            items.append(base64.b64decode(value, validate=True))
-        except (binascii.Error, ValueError):
-            raise InvalidInput(f"v2: input {name!r} element {i} is not valid base64") from None
-    return items
+            raise InvalidInput(f"v2: input {name!r} element {i} must be a string")
+    return flat
 
 
 def _json_numbers(data: Any, name: str, count: int, datatype: str) -> torch.Tensor:
@@ -250,3 +249,90 @@ def _flatten(data: Any, name: str) -> list[Any]:
         else:
             stack.pop()
     return flat
+
+
+# -- the codecs --------------------------------------------------------------------
+
+
+def _merged(answer: Any, extra: dict[str, list[Any]], single: bool) -> Any:
+    """An answer with an explanation's per-row values added: one value each for a single input, else lists."""
+    if not isinstance(answer, dict):
+        answer = {"predictions": answer}
+    return {**answer, **{key: values[0] if single else values for key, values in extra.items()}}
+
+
+class Codec:
+    """One wire format: request -> Decoded, output rows -> answer, explanation or error body."""
+
+    name: str = OWN
+
+    def decode(self, handler: BatchHandler, request: Request, document: Any) -> Decoded:
+        return handler.decode(request)
+
+    def answer(self, handler: BatchHandler, item: Decoded, outputs: torch.Tensor, model: tuple[str, str | None]) -> Any:
+        return handler.encode(item, outputs)
+
+    def explanation(self, handler: BatchHandler, item: Decoded, outputs: torch.Tensor, attributions: torch.Tensor,
+                    model: tuple[str, str | None]) -> Any:
+        return _merged(handler.encode(item, outputs), handler.explain_rows(item, attributions), item.single)
+
+    def error(self, err: HandlerError) -> dict[str, Any]:
+        """The JSON body of a failed request: status, error type and the message."""
+        return {"code": err.status, "type": type(err).__name__, "message": err.message}
+
+
+class KServeV1(Codec):
+    """``{"instances": [...]}`` -> ``{"predictions": [one per instance]}``."""
+
+    name = V1
+
+    def decode(self, handler: BatchHandler, request: Request, document: Any) -> Decoded:
+        return handler.decode_instances(v1_instances(document, handler.max_instances), request)
+
+    def answer(self, handler: BatchHandler, item: Decoded, outputs: torch.Tensor, model: tuple[str, str | None]) -> Any:
+        return {"predictions": handler.encode_rows(outputs, item)}
+
+    def explanation(self, handler: BatchHandler, item: Decoded, outputs: torch.Tensor, attributions: torch.Tensor,
+                    model: tuple[str, str | None]) -> Any:
+        return _merged(self.answer(handler, item, outputs, model), handler.explain_rows(item, attributions), False)
+
+
+class OpenInference(Codec):
+    """One input tensor -> the handler's ``tensor_outputs`` as v2 output tensors; errors as ``{"error": ...}``."""
+
+    name = V2
+
+    def decode(self, handler: BatchHandler, request: Request, document: Any) -> Decoded:
+        tensor = v2_input(document)
+        count = tensor.shape[0] if tensor.shape else 0
+        limit = handler.max_instances
+        if count == 0:
+            raise InvalidInput(f"v2: input {tensor.name!r} holds no inputs (shape {list(tensor.shape)})")
+        values: Any = tensor.numbers if tensor.numbers is not None else list(tensor.items)
+        if tensor.numbers is None and len(tensor.shape) != 1:
+            raise InvalidInput(f"v2: input {tensor.name!r} of BYTES must have shape [inputs], got {list(tensor.shape)}")
+        # A 1-D tensor of numbers is one input without its batch dimension (a row): the handler bounds it.
+        if (tensor.numbers is None or tensor.numbers.ndim > 1) and count > limit:
+            raise InvalidInput(f"v2: input {tensor.name!r} holds {count} inputs, more than the limit of {limit} per request")
+        try:
+            item = handler.decode_instances(values, request)
+        except InvalidInput as err:
+            raise InvalidInput(err.message if err.message.startswith("v2:") else f"v2: input {tensor.name!r}: {err.message}") from None
+        item.request_id = document.get("id")
+        return item
+
+    def answer(self, handler: BatchHandler, item: Decoded, outputs: torch.Tensor, model: tuple[str, str | None]) -> Any:
+        outputs_v2 = [v2_output(name, values) for name, values in handler.tensor_outputs(outputs, item).items()]
+        return v2_response(model[0], model[1], item.request_id, outputs_v2)
+
+    def explanation(self, handler: BatchHandler, item: Decoded, outputs: torch.Tensor, attributions: torch.Tensor,
+                    model: tuple[str, str | None]) -> Any:
+        answer = self.answer(handler, item, outputs, model)
+        answer["outputs"].append(v2_output("attributions", attributions))
+        return answer
+
+    def error(self, err: HandlerError) -> dict[str, Any]:
+        return v2_error(err.message)
+
+
+CODECS: dict[str, Codec] = {codec.name: codec for codec in (Codec(), KServeV1(), OpenInference())}

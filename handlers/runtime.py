@@ -52,22 +52,6 @@ def default_threads(model_config: Mapping[str, Any]) -> int:
     return max((os.cpu_count() or 1) // workers, 1)
 
 
-# TorchServe's worker logs this on every batch it reads (ts/protocol/otf_message_handler.py):
-# a line to format, write to stdout, and for the Java frontend to read and log again.
-_PER_BATCH_MESSAGE = "Backend received inference at: %d"
-
-
-def _not_per_batch(record: logging.LogRecord) -> bool:
-    return record.msg != _PER_BATCH_MESSAGE
-
-
-def quiet_per_batch_log() -> None:
-    """Drop TorchServe's one INFO line per batch from this worker's log (it carries only a timestamp)."""
-    root = logging.getLogger()
-    if _not_per_batch not in root.filters:
-        root.addFilter(_not_per_batch)
-
-
 def limit_threads(threads: int) -> None:
     """Cap torch's intra-op threads (and inter-op, when still allowed) for this process."""
     torch.set_num_threads(threads)

@@ -1,4 +1,4 @@
-"""TorchServe handler for models that take rows of numbers (``handler: {entry: tabular}``).
+"""Models that take rows of numbers (``handler: {entry: tabular}``).
 
 Request:  {"inputs": [x1, ..., xN]}  or  {"inputs": [[...], [...]]}
 Response: {"predictions": [[y, ...], ...]}  one entry per input row, in order.
@@ -8,16 +8,15 @@ numeric input of shape [rows, N] (or [N]) -> output "predictions" of shape [rows
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from . import protocols
 from .base import BatchHandler, Decoded
 from .config import ModelOptions, TabularOptions
 from .errors import ConfigError, InvalidInput
-from .payload import decode_json, json_field, parse_rows, request_body
+from .payload import Request, json_field, parse_rows
 
 
 class TabularHandler(BatchHandler):
@@ -36,26 +35,25 @@ class TabularHandler(BatchHandler):
     @property
     def width(self) -> int:
         """Numbers per row: ``input_width``, else the model's sample shape."""
-        assert self.model_options is not None, "initialize() was not called"
         return self.options.input_width or self.model_options.sample_shape[1]
 
-    def decode(self, request: Mapping[str, Any], headers: Mapping[str, str]) -> Decoded:
-        width = self.width
-        inputs = json_field(decode_json(request_body(request)), "inputs", f'{{"inputs": [{width} numbers]}}')
-        return Decoded(parse_rows(inputs, width, self.options.max_rows))
+    @property
+    def max_instances(self) -> int:  # type: ignore[override]
+        return self.options.max_rows
 
-    def decode_instances(self, instances: list[Any], headers: Mapping[str, str]) -> Decoded:
-        return Decoded(parse_rows(instances, self.width, self.options.max_rows))
+    def decode(self, request: Request) -> Decoded:
+        inputs = json_field(request.json(), "inputs", f'{{"inputs": [{self.width} numbers]}}')
+        return Decoded(parse_rows(inputs, self.width, self.options.max_rows))
 
-    def decode_tensor(self, tensor: protocols.Tensor, headers: Mapping[str, str]) -> Decoded:
+    def decode_instances(self, values: Sequence[Any] | torch.Tensor, request: Request) -> Decoded:
+        if not isinstance(values, torch.Tensor):
+            return Decoded(parse_rows(list(values), self.width, self.options.max_rows))
         width = self.width
-        if tensor.numbers is None or tensor.shape[-1] != width or len(tensor.shape) > 2:
-            raise InvalidInput(f"v2: input {tensor.name!r} must be numbers of shape [rows, {width}] (or [{width}]), got {tensor.datatype} {list(tensor.shape)}")
-        rows = tensor.numbers.reshape(-1, width)
+        if values.shape[-1] != width or values.ndim > 2:
+            raise InvalidInput(f"expected numbers of shape [rows, {width}] (or [{width}]), got {list(values.shape)}")
+        rows = values.reshape(-1, width)
         if rows.shape[0] > self.options.max_rows:
-            raise InvalidInput(f"v2: input {tensor.name!r} has {rows.shape[0]} rows, more than the limit of {self.options.max_rows} rows per request")
-        if rows.shape[0] == 0:
-            raise InvalidInput(f"v2: input {tensor.name!r} has no rows")
+            raise InvalidInput(f"{rows.shape[0]} rows, more than the limit of {self.options.max_rows} rows per request")
         return Decoded(rows)
 
     def encode(self, item: Decoded, outputs: torch.Tensor) -> dict[str, Any]:

@@ -6,34 +6,27 @@ Example:
     print(management.register("net.mar", workers=2, batch_size=8))
     reply = Inference.from_run(run).predict("net", b'{"inputs": [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]}')
 
-Every failure is a :class:`ScriptError` whose message says what to do.
+Every failure is a :class:`~serveready.handlers.errors.ServereadyError` whose message says what to do:
+a :class:`ScriptError` for what the tools refuse, a :class:`ServerError` (with the HTTP ``status``)
+for what the server answered, an :class:`ArchiveError` for an archive that fails its checks.
 """
 
 from __future__ import annotations
 
-import json
 import time
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import requests
-import yaml
 
-from serveready.archiver.build import CONFIG_ENTRY, rewrite_model_config
-from serveready.archiver.errors import ArchiverError
-from serveready.archiver.integrity import MANIFEST_ENTRY, refusal, verify
-from serveready.archiver.signing import signature_problems
+from serveready.handlers.archive import REGISTER_KEY, Archive
 from serveready.handlers.config import DeviceType
+from serveready.handlers.errors import NotFound, ScriptError, ServerError
 
-from .runinfo import RunDir, ScriptError, TokenKind
+from .runinfo import RunDir, TokenKind
 
-#: Where an archive keeps TorchServe's model config.
-
-
-class NotFound(ScriptError):
-    """The server does not know the model (HTTP 404)."""
+__all__ = ["Inference", "Management", "NotFound", "Registration", "Rollout", "ScriptError", "ServerError", "Workers"]
 
 
 @dataclass(frozen=True)
@@ -195,14 +188,16 @@ class Management:
         if reply.ok:
             return body
         message = body.get("message", reply.text.strip()) if isinstance(body, dict) else reply.text.strip()
+        status = reply.status_code
         if key_refused(reply):
-            raise ScriptError(f"the management key was refused by {self.url} (expired, or another server's; keys read from the run folder are renewed, a key given with --token is not): {message}")
-        if reply.status_code == 404:
+            raise ServerError(f"the management key was refused by {self.url} (expired, or another server's; keys read from the run folder "
+                              f"are renewed, a key given with --token is not): {message}", status)
+        if status == 404:
             raise NotFound(f"{method} {path} failed with HTTP 404: {message}")
-        if reply.status_code == 405:
-            raise ScriptError(f"{method} {path} is not allowed by the server: its model API is off (enable_model_api=false in its "
-                              "config.properties); a server started with ts-server start has it on")
-        raise ScriptError(f"{method} {path} failed with HTTP {reply.status_code}: {message}")
+        if status == 405:
+            raise ServerError(f"{method} {path} is not allowed by the server: its model API is off (enable_model_api=false in its "
+                              "config.properties); a server started with ts-server start has it on", status)
+        raise ServerError(f"{method} {path} failed with HTTP {status}: {message}", status)
 
     def _send(self, method: str, path: str, query: dict[str, Any]) -> requests.Response:
         try:
@@ -232,8 +227,8 @@ class Management:
                 if attempt == 0:
                     raise
                 return f"unregistered {name}"  # an earlier attempt did it after all
-            except ScriptError as err:
-                if "failed with HTTP 500" not in err.message or attempt == attempts - 1:
+            except ServerError as err:
+                if err.status != 500 or attempt == attempts - 1:
                     raise
                 time.sleep(0.5 * (attempt + 1))
         raise AssertionError("unreachable")
@@ -331,7 +326,7 @@ class Management:
         old = [str(v.get("modelVersion")) for v in before]
         previous = next((str(v.get("modelVersion")) for v in self.describe(name)), old[0])
         path, config = self._admitted(run, archive, device, public_key)
-        version = archive_version(path)
+        version = Archive(path).version
         if version in old:
             raise ScriptError(f"{name} version {version} is already registered (registered: {', '.join(old)}): "
                               f"give the new archive another version (the model config's version:) and rebuild it")
@@ -360,26 +355,17 @@ class Management:
         if device is DeviceType.GPU and run.gpus == 0:
             raise ScriptError("GPU workers were asked for, but this server has no GPU (number_of_gpu=0); use --device cpu")
         path = archive_in_store(str(archive), run.model_store)
-        problems = verify(path)
-        if problems:
-            raise ScriptError(refusal(path.name, problems, "failed its integrity check, not registered"))
-        if public_key is not None:
-            try:
-                problems = signature_problems(path, public_key)
-            except ArchiverError as err:
-                raise ScriptError(err.message) from None
-            if problems:
-                raise ScriptError(f"{path.name} is refused, not registered: {'; '.join(problems)}")
-        config = archive_config(path)
+        Archive(path).check(public_key, outcome="not registered")
+        config = Archive(path).config
         if device is not None and config.get("deviceType") != device.value:
-            path = retarget_archive(path, device)
+            path = Archive(path).retarget(device.value).path
         return path, config
 
     def _serve(self, run: RunDir, path: Path, config: dict[str, Any], name: str, version: str | None, settings: Workers, timeout: float) -> Registration:
         """Register ``path`` as ``name`` (beside its other versions when ``version`` is given) and wait for READY workers."""
         # Settings not given come from the archive: its (tuned) worker count, and the batching
         # TorchServe cannot read from an archive (maxBatchDelay 0), which is passed explicitly.
-        wanted = config.get("register") or {}
+        wanted = config.get(REGISTER_KEY) or {}
         workers = int(config.get("minWorkers") or 1) if settings.workers is None else settings.workers
         batch_size = wanted.get("batchSize") if settings.batch_size is None else settings.batch_size
         max_batch_delay = wanted.get("maxBatchDelay") if settings.max_batch_delay is None else settings.max_batch_delay
@@ -468,41 +454,6 @@ class Inference:
             raise ScriptError(f"cannot reach TorchServe at {self.url}: is the server running? (ts-server start)") from None
         except requests.Timeout:
             raise ScriptError(f"TorchServe at {self.url} did not answer {path} within {self.timeout:g}s (the model's responseTimeout, or a busy server)") from None
-
-
-def archive_config(archive: Path) -> dict[str, Any]:
-    """An archive's model-config.yaml ({} when it has none)."""
-    try:
-        with zipfile.ZipFile(archive) as mar:
-            config = yaml.safe_load(mar.read(CONFIG_ENTRY)) if CONFIG_ENTRY in mar.namelist() else {}
-    except (zipfile.BadZipFile, yaml.YAMLError) as err:
-        raise ScriptError(f"{archive} is not a readable model archive: {err}") from None
-    return config if isinstance(config, dict) else {}
-
-
-def archive_version(archive: Path) -> str:
-    """The model version an archive's MANIFEST.json says (TorchServe registers it under that)."""
-    try:
-        with zipfile.ZipFile(archive) as mar:
-            manifest = json.loads(mar.read(MANIFEST_ENTRY))
-        return str(manifest["model"]["modelVersion"])
-    except (zipfile.BadZipFile, KeyError, TypeError, ValueError) as err:
-        raise ScriptError(f"{archive} has no readable model version in its {MANIFEST_ENTRY}: {err}") from None
-
-
-def archive_device(archive: Path) -> str | None:
-    """The deviceType in an archive's model-config.yaml, if it sets one."""
-    return archive_config(archive).get("deviceType")
-
-
-def retarget_archive(archive: Path, device: DeviceType) -> Path:
-    """Write ``<stem>.<device>.mar`` beside ``archive`` with its model-config deviceType set to ``device``.
-
-    TorchServe's register call has no device parameter: the archive's
-    model-config.yaml decides, so a device choice means an archive that says it.
-    """
-    target = archive.with_name(f"{archive.stem}.{device.value}.mar")
-    return rewrite_model_config(archive, target, lambda config: config.update(deviceType=device.value))
 
 
 def archive_in_store(archive: str, store: Path) -> Path:

@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from serveready.handlers.errors import ServereadyError
+
 from .client import Inference
 from .runinfo import RunDir, ScriptError
 
@@ -102,9 +104,9 @@ def main(argv: list[str] | None = None) -> int:
             out = save_heatmap(image, result, heatmap_path(image))
             top = result["predictions"][0]
             print(f"{image}: {top['class']} ({top['probability']:.3f}) -> {out}")
-    except ScriptError as err:
+    except ServereadyError as err:
         print(f"ts-explain: error: {err.message}", file=sys.stderr)
-        return 1
+        return err.exit_code
     return 0
 
 

@@ -1,17 +1,21 @@
 """ts-gpu-check: every archive of a model store on GPU workers of a real TorchServe, checked against the CPU.
 
-    ts-gpu-check                        # model_store/*.mar on GPU workers; docs/gpu/check.{json,md}
+    ts-gpu-check                                     # model_store/*.mar on GPU workers; docs/gpu/check.{json,md}
+    ts-gpu-check --data data/x.pt --models mine      # your archive, its inputs from your held-out rows
     ts-gpu-check --device cpu --out /tmp/cpu-check   # the same run on CPU workers (machines without a GPU)
 
 For each archive: register it (1 worker) on the device, read back what the worker says it runs
-with, send it predictions and compare them with the archive's own model loaded here on the CPU
-(net: outputs within 1e-3, or a few units in the last place for half precision; digits: the
-labels of 300 held-out images), note the worker's GPU memory, and unregister it. Then a short load on the
-digits family: 32 clients x 60 requests, every answer checked, and the served req/s.
-In-process, digits at batch 1 and 64 in fp32, fp16 and bf16 on the device.
+with, send it Open Inference Protocol v2 requests and compare the output tensors with the same
+archive answering in-process on this machine's CPU (``serveready.load``): within 1e-3, or a few
+units in the last place of the largest output for half precision; for classifiers (outputs that
+are probabilities) the top class must also agree on 98% of the inputs. The inputs are the
+``x_test`` rows of a ``--data`` file (a ``torch.save``'d dict, as a config's ``data:`` file) whose
+shape fits the archive, else seeded random ones of the archive's ``model.sample_shape``; the
+handler's ``instance_of`` makes each into a request (the digits example's, into ink counts).
+Then a short load per archive (``--clients`` x ``--requests``, every answer compared with the
+CPU's), the worker's GPU memory (nvidia-smi), and in-process forward times on the device.
 
-Exit status 0 when every archive served right (or was refused with its reason) and no answer
-was a 5xx.
+Exit status 0 when every archive served right (or was refused with its reason) and no answer was a 5xx.
 """
 
 from __future__ import annotations
@@ -19,42 +23,42 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import requests
 import torch
 
-from serveready.archiver.build import load_archive
-from serveready.archiver.datasets import load_digits_split
+import serveready
+from serveready.handlers.archive import Archive
 from serveready.handlers.config import DeviceType
-from serveready.handlers.loaders import Loaded
+from serveready.handlers.errors import ServereadyError
+from serveready.handlers.host import Model
 from serveready.handlers.runtime import machine
 
-from .client import Inference, Management, archive_config
+from .client import Inference, Management
 from .runinfo import RunDir, ScriptError
 from .server import detect_gpus, isolated, start, stop
 
-DIGITS_IMAGES = 300
-NET_ROWS = 64
-#: outputs on the device against the same archive on the CPU: 1e-3, or for half precision
+#: inputs per archive, sent as one v2 request each chunk of the handler's max_instances
+DEFAULT_ROWS = 64
+#: device outputs against the same archive on the CPU: 1e-3, or for half precision
 #: this many units in the last place of the largest output
 FP32_TOLERANCE = 1e-3
 HALF_ULPS = 8
-#: digits labels that must agree with the same archive on the CPU
+#: top classes that must agree with the same archive on the CPU (classifiers)
 MIN_AGREEMENT = 0.98
-DTYPE_ARCHIVES = ("digits", "digits_fp16", "digits_bf16")
 
 
 @dataclass
@@ -116,140 +120,165 @@ def gpu_memory_mib() -> dict[int, float]:
     return found
 
 
-# -- references on this machine's CPU -----------------------------------------------
+# -- requests and their answers -----------------------------------------------------
 
-@dataclass(frozen=True)
-class Probe:
-    """A request body and how to score the answers to it."""
-
-    body: bytes
-    content_type: str
-
-
-def net_rows() -> np.ndarray:
-    return np.random.default_rng(11).normal(size=(NET_ROWS, 10)).astype(np.float32)
+def model_inputs(reference: Model, data: Sequence[torch.Tensor], rows: int) -> torch.Tensor:
+    """``rows`` model inputs for an archive: the first data file's whose shape fits, else seeded random ones."""
+    shape = tuple(reference.engine.model_options.sample_shape[1:])
+    for x_test in data:
+        if tuple(x_test.shape[1:]) == shape:
+            return x_test[:rows].float()
+    return torch.rand((rows, *shape), generator=torch.Generator().manual_seed(11))
 
 
-def digits_images() -> tuple[np.ndarray, np.ndarray]:
-    split = load_digits_split(0, 0.2)
-    return split.x_test[:DIGITS_IMAGES].numpy(), split.y_test[:DIGITS_IMAGES].numpy()
+def v2_bodies(reference: Model, inputs: torch.Tensor) -> list[bytes]:
+    """Open Inference Protocol v2 requests carrying ``inputs``, as many as the handler's max_instances allows each."""
+    handler = reference.handler
+    per = max(1, min(handler.max_instances, len(inputs)))
+    bodies = []
+    for chunk in inputs.split(per):
+        values = torch.tensor([handler.instance_of(row) for row in chunk], dtype=torch.float32)
+        bodies.append(json.dumps({"inputs": [{"name": "input", "shape": list(values.shape), "datatype": "FP32",
+                                              "data": values.flatten().tolist()}]}).encode())
+    return bodies
 
 
-def cpu_outputs(archive: Path, inputs: np.ndarray) -> np.ndarray:
-    """The archive's model loaded here on the CPU, as a worker loads it."""
-    with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
-        return load_archive(archive, Path(tmp)).run(torch.from_numpy(inputs)).float().numpy()
+def outputs_of(answer: Any) -> dict[str, torch.Tensor]:
+    """A v2 answer's output tensors by name."""
+    return {o["name"]: torch.tensor(o["data"], dtype=torch.float64).reshape(o["shape"]) for o in answer["outputs"]}
 
 
-def _status(reply: requests.Response) -> str:
-    return str(reply.status_code)
-
-
-def _count(statuses: dict[str, int], status: str) -> None:
-    statuses[status] = statuses.get(status, 0) + 1
-
-
-def tolerance(config: dict[str, Any], outputs: np.ndarray) -> float:
+def tolerance(config: dict[str, Any], outputs: torch.Tensor) -> float:
     """How far the device may be from the CPU for this archive: its dtype's rounding, at the outputs' scale."""
     model = config.get("model") or {}
     if model.get("format") != "half":
         return FP32_TOLERANCE
     eps = torch.finfo(getattr(torch, model.get("dtype") or "float16")).eps
-    return max(FP32_TOLERANCE, HALF_ULPS * eps * float(np.abs(outputs).max()))
+    return max(FP32_TOLERANCE, HALF_ULPS * eps * float(outputs.abs().max()))
 
 
-def check_net(api: Inference, name: str, archive: Path, fp32: Path, check: ArchiveCheck) -> None:
-    rows = net_rows()
-    reply = api.post(name, json.dumps({"inputs": rows.tolist()}).encode(), "application/json")
-    _count(check.statuses, _status(reply))
-    if reply.status_code != 200:
-        check.detail = f"HTTP {reply.status_code}: {reply.text[:300]}"
-        return
-    served = np.array(reply.json()["predictions"], dtype=np.float64)
-    on_cpu = cpu_outputs(archive, rows)
-    versus_self = float(np.abs(served - on_cpu).max())
-    versus_fp32 = float(np.abs(served - cpu_outputs(fp32, rows)).max()) if fp32.is_file() else float("nan")
-    bound = tolerance(archive_config(archive), on_cpu)
-    check.measure = {"max_abs_diff_vs_same_archive_cpu": versus_self, "tolerance": bound, "max_abs_diff_vs_fp32_cpu": versus_fp32}
-    check.outcome = "served" if versus_self <= bound else "failed"
-    check.detail = (f"{NET_ROWS} rows: max |served - this archive on CPU| {versus_self:.2e} (tolerance {bound:.1e}); "
-                    f"vs fp32 on CPU {versus_fp32:.2e}")
+def _is_probabilities(values: torch.Tensor) -> bool:
+    return values.ndim == 2 and values.shape[1] > 1 and bool(((values.sum(dim=1) - 1).abs() < 1e-3).all()) and bool((values >= 0).all())
 
 
-def check_digits(api: Inference, name: str, archive: Path, png: bytes, check: ArchiveCheck) -> None:
-    images, labels = digits_images()
-    expected = cpu_outputs(archive, images).argmax(axis=1)
-    got = []
-    for ink in images:
-        reply = api.post(name, json.dumps({"inputs": (ink[0] * 16).tolist(), "k": 1}).encode(), "application/json")
-        _count(check.statuses, _status(reply))
-        got.append(reply.json()["predictions"][0]["index"] if reply.status_code == 200 else -1)
-    picture = api.post(name, png, "image/png")
-    _count(check.statuses, _status(picture))
-    agreement = float((np.array(got) == expected).mean())
-    accuracy = float((np.array(got) == labels).mean())
-    check.measure = {"accuracy": accuracy, "agreement_with_cpu": agreement}
-    check.outcome = "served" if agreement >= MIN_AGREEMENT and picture.status_code == 200 else "failed"
-    check.detail = f"{DIGITS_IMAGES} digits: accuracy {accuracy:.3f}, same label as on the CPU {agreement:.3f}; PNG body HTTP {picture.status_code}"
+def compare(served: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], bound: float) -> tuple[bool, dict[str, float], str]:
+    """Whether the device's outputs match the CPU's: every output within ``bound``, classifiers' top classes agreeing."""
+    if set(served) != set(expected) or any(served[k].shape != expected[k].shape for k in expected):
+        return False, {}, f"outputs {sorted((k, list(v.shape)) for k, v in served.items())} differ from the CPU's {sorted((k, list(v.shape)) for k, v in expected.items())}"
+    gap = max(float((served[k] - expected[k]).abs().max()) for k in expected)
+    measure = {"max_abs_diff_vs_cpu": gap, "tolerance": bound}
+    ok = gap <= bound
+    detail = f"max |device - CPU| {gap:.2e} (tolerance {bound:.1e})"
+    for name, values in expected.items():
+        if _is_probabilities(values):
+            agreement = float((served[name].argmax(dim=1) == values.argmax(dim=1)).double().mean())
+            measure["top_class_agreement"] = agreement
+            ok = ok and agreement >= MIN_AGREEMENT
+            detail += f"; top class as on the CPU for {agreement:.3f} of the inputs"
+    return ok, measure, detail
 
 
-def load(api: Inference, name: str, png: bytes, label: int, clients: int, per_client: int) -> LoadCheck:
-    """``clients`` threads each sending ``per_client`` PNG requests; every answer checked."""
+def _count(statuses: dict[str, int], status: int) -> None:
+    statuses[str(status)] = statuses.get(str(status), 0) + 1
+
+
+def _reference_answers(reference: Model, bodies: Sequence[bytes]) -> list[Any]:
+    answers = [reference.predict(body, "application/json") for body in bodies]
+    bad = [a for a in answers if not a.ok]
+    if bad:
+        raise ScriptError(f"{reference.name}: the CPU reference refused its own inputs: {bad[0].body[:300].decode(errors='replace')}")
+    return [a.json() for a in answers]
+
+
+def check_archive(management: Management, api: Inference, archive: Path, device: DeviceType, data: Sequence[torch.Tensor], rows: int,
+                  scratch: Path) -> tuple[ArchiveCheck, list[bytes], list[Any]]:
+    """Register, compare, note memory, unregister; also the bodies and CPU answers the load reuses."""
+    name = archive.name.removesuffix(".mar")
+    config = Archive(archive).config
+    check = ArchiveCheck(name, (config.get("model") or {}).get("format", "eager"))
+    with serveready.load(archive, "cpu", threads=0, into=scratch / f"cpu-{name}") as reference:
+        bodies = v2_bodies(reference, model_inputs(reference, data, rows))
+        expected = _reference_answers(reference, bodies)
+    try:
+        registration = management.register(archive.name, name=name, workers=1, device=device)
+    except ServereadyError as err:
+        check.outcome, check.detail = "refused", err.message
+        return check, bodies, expected
+    check.runs_with = registration.runs_with
+    try:
+        served: dict[str, list[torch.Tensor]] = {}
+        for body in bodies:
+            reply = api.post(name, body, "application/json")
+            _count(check.statuses, reply.status_code)
+            if reply.status_code != 200:
+                check.detail = f"HTTP {reply.status_code}: {reply.text[:300]}"
+                return check, bodies, expected
+            for key, values in outputs_of(reply.json()).items():
+                served.setdefault(key, []).append(values)
+        want: dict[str, list[torch.Tensor]] = {}
+        for answer in expected:
+            for key, values in outputs_of(answer).items():
+                want.setdefault(key, []).append(values)
+        got = {k: torch.cat(v) for k, v in served.items()}
+        wanted = {k: torch.cat(v) for k, v in want.items()}
+        ok, check.measure, check.detail = compare(got, wanted, max(tolerance(config, v) for v in wanted.values()))
+        check.outcome = "served" if ok else "failed"
+        check.detail = f"{sum(len(v) for v in wanted.values()) // max(len(wanted), 1)} inputs: {check.detail}"
+        pids = [w.get("pid") for w in management.describe(name)[0].get("workers", [])]
+        memory = gpu_memory_mib()
+        if memory:
+            check.gpu_mib = sum(memory.get(int(pid), 0.0) for pid in pids if pid)
+    finally:
+        management.unregister(name)
+    return check, bodies, expected
+
+
+def load(api: Inference, name: str, body: bytes, expected: Any, bound: float, clients: int, per_client: int) -> LoadCheck:
+    """``clients`` threads each sending ``per_client`` copies of ``body``; every answer compared with the CPU's."""
     statuses: dict[str, int] = {}
-    wrong = 0
+    want = outputs_of(expected)
 
-    def client(_: int) -> list[tuple[str, bool]]:
+    def client(_: int) -> list[tuple[int, bool]]:
         with requests.Session() as session:
             seen = []
             for _ in range(per_client):
-                reply = session.post(f"{api.url}/predictions/{name}", data=png, headers=api.headers("image/png"), timeout=api.timeout)
-                right = reply.status_code == 200 and reply.json()["predictions"][0]["index"] == label
-                seen.append((_status(reply), right))
+                reply = session.post(f"{api.url}/predictions/{name}", data=body, headers=api.headers("application/json"), timeout=api.timeout)
+                right = reply.status_code == 200 and compare(outputs_of(reply.json()), want, bound)[0]
+                seen.append((reply.status_code, right))
             return seen
 
     began = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
         results = [item for chunk in pool.map(client, range(clients)) for item in chunk]
     seconds = time.perf_counter() - began
-    for status, right in results:
+    for status, _ in results:
         _count(statuses, status)
-        wrong += not right
-    return LoadCheck(name, clients, len(results), seconds, statuses, wrong)
+    return LoadCheck(name, clients, len(results), seconds, statuses, sum(not right for _, right in results))
 
 
-# -- in-process dtypes ----------------------------------------------------------------
+# -- in-process timings ----------------------------------------------------------------
 
-def dtype_timings(store: Path, device: torch.device, batches: Sequence[int] = (1, 64), repeats: int = 200) -> list[dict[str, Any]]:
-    """Milliseconds per forward of digits in fp32/fp16/bf16 on ``device`` (median of ``repeats``)."""
+def timings(archive: Path, device: torch.device, scratch: Path, batches: Sequence[int] = (1, 64), repeats: int = 200) -> list[dict[str, Any]]:
+    """Milliseconds per forward of ``archive`` on ``device`` as the engine runs it (copy in, compute, copy out)."""
     rows = []
-    for name in DTYPE_ARCHIVES:
-        archive = store / f"{name}.mar"
-        if not archive.is_file():
-            continue
-        with tempfile.TemporaryDirectory() as tmp:
-            loaded = load_archive(archive, Path(tmp), device)
-            for batch in batches:
-                ms = _time(_as_served(loaded), torch.rand((batch, 1, 8, 8)), device, repeats)
-                rows.append({"archive": name, "batch": batch, "ms": ms, "engine": loaded.engine})
+    with serveready.load(archive, str(device), threads=0, into=scratch / f"time-{archive.stem}") as model:
+        shape = tuple(model.engine.model_options.sample_shape[1:])
+        for batch in batches:
+            ms = _time(model.engine.inference, torch.rand((batch, *shape)), device, repeats)
+            rows.append({"archive": archive.stem, "batch": batch, "ms": ms, "engine": model.runs_with})
     return rows
 
 
-def _as_served(loaded: Loaded) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The forward as the handler runs it: copy in, compute, copy out."""
-    return lambda inputs: loaded.run(inputs.to(loaded.inputs_on)).float().cpu()
-
-
-def _time(run: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor, device: torch.device, repeats: int) -> float:
+def _time(run: Any, inputs: torch.Tensor, device: torch.device, repeats: int) -> float:
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     times = []
-    with torch.inference_mode():
-        for i in range(repeats + 20):
-            sync()
-            began = time.perf_counter()
-            run(inputs)
-            sync()
-            if i >= 20:
-                times.append((time.perf_counter() - began) * 1e3)
+    for i in range(repeats + 20):
+        sync()
+        began = time.perf_counter()
+        run(inputs)
+        sync()
+        if i >= 20:
+            times.append((time.perf_counter() - began) * 1e3)
     return statistics.median(times)
 
 
@@ -269,32 +298,7 @@ def serving(store: Path, scratch: Path, gpus: int, logs: Path | None = None) -> 
                 shutil.copy2(run.console_log, logs / run.console_log.name)
 
 
-def check_archive(management: Management, api: Inference, archive: Path, device: DeviceType, png: bytes) -> ArchiveCheck:
-    name = archive.name.removesuffix(".mar")
-    config = archive_config(archive)
-    check = ArchiveCheck(name, (config.get("model") or {}).get("format", "eager"))
-    try:
-        registration = management.register(archive.name, name=name, workers=1, device=device)
-    except ScriptError as err:
-        check.outcome, check.detail = "refused", err.message
-        return check
-    check.runs_with = registration.runs_with
-    try:
-        entry = config.get("handler") or {}
-        if "input_width" in entry:
-            check_net(api, name, archive, archive.with_name(f"{name.split('_')[0]}.mar"), check)
-        else:
-            check_digits(api, name, archive, png, check)
-        pids = [w.get("pid") for w in management.describe(name)[0].get("workers", [])]
-        memory = gpu_memory_mib()
-        if memory:
-            check.gpu_mib = sum(memory.get(int(pid), 0.0) for pid in pids if pid)
-    finally:
-        management.unregister(name)
-    return check
-
-
-def markdown(env: dict[str, Any], checks: Sequence[ArchiveCheck], loads: Sequence[LoadCheck], timings: Sequence[dict[str, Any]]) -> str:
+def markdown(env: dict[str, Any], checks: Sequence[ArchiveCheck], loads: Sequence[LoadCheck], times: Sequence[dict[str, Any]]) -> str:
     lines = [f"Measured {env['date']} on {env['gpu'] or 'no GPU'} ({env['device']} workers); {env['machine']}; "
              f"CUDA {env['cuda']}; onnxruntime {env['onnxruntime']}.", "",
              "| archive | format | outcome | runs with (the worker's words) | check | worker GPU MiB | statuses |",
@@ -308,13 +312,11 @@ def markdown(env: dict[str, Any], checks: Sequence[ArchiveCheck], loads: Sequenc
         for ld in loads:
             statuses = ", ".join(f"{k}: {v}" for k, v in sorted(ld.statuses.items()))
             lines.append(f"| {ld.name} | {ld.clients} x {ld.requests // ld.clients} | {ld.req_per_s:,.0f} | {statuses} | {ld.wrong} |")
-    if timings:
-        lines += ["", "In-process forward, ms (median of 200):", "", "| archive | engine | batch 1 | batch 64 |", "|---|---|---|---|"]
-        for name in DTYPE_ARCHIVES:
-            cells = {t["batch"]: t for t in timings if t["archive"] == name}
-            if cells:
-                engine = next(iter(cells.values()))["engine"]
-                lines.append(f"| {name} | {engine} | {cells[1]['ms']:.3f} | {cells[64]['ms']:.3f} |")
+    if times:
+        lines += ["", "In-process forward on the device, ms (median of 200):", "", "| archive | engine | batch 1 | batch 64 |", "|---|---|---|---|"]
+        for name in dict.fromkeys(t["archive"] for t in times):
+            cells = {t["batch"]: t for t in times if t["archive"] == name}
+            lines.append(f"| {name} | {cells[1]['engine']} | {cells[1]['ms']:.3f} | {cells[64]['ms']:.3f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -323,12 +325,24 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", choices=[d.value for d in DeviceType], default="gpu", help="worker device (default: %(default)s)")
     parser.add_argument("--model-store", type=Path, default=Path("model_store"))
     parser.add_argument("--models", default="", help="comma-separated archive names (default: every .mar in the store)")
-    parser.add_argument("--image", type=Path, default=Path("docs/images/digit.png"), help="the PNG body for digits")
-    parser.add_argument("--clients", type=int, default=32)
-    parser.add_argument("--requests", type=int, default=60, help="per client, in the load")
+    parser.add_argument("--data", type=Path, action="append", default=[],
+                        help="a torch.save'd dict whose x_test rows are the inputs of archives they fit (repeatable; default: seeded random inputs)")
+    parser.add_argument("--rows", type=int, default=DEFAULT_ROWS, help="inputs per archive (default: %(default)s)")
+    parser.add_argument("--clients", type=int, default=8, help="clients of each archive's load (0: no load)")
+    parser.add_argument("--requests", type=int, default=20, help="requests per client in the load")
     parser.add_argument("--out", type=Path, default=Path("docs/gpu/check"), help="writes OUT.json and OUT.md")
     parser.add_argument("--logs", type=Path, help="copy the server's logs (model_log.log and friends) here when done")
     return parser
+
+
+def _data(paths: Sequence[Path]) -> list[torch.Tensor]:
+    found = []
+    for path in paths:
+        try:
+            found.append(torch.load(path, map_location="cpu", weights_only=True)["x_test"])
+        except (OSError, KeyError, TypeError, RuntimeError) as err:
+            raise ScriptError(f"--data {path}: not a torch.save'd dict with x_test ({err})") from None
+    return found
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -336,41 +350,45 @@ def main(argv: list[str] | None = None) -> int:
     device = DeviceType(args.device)
     store = args.model_store.resolve()
     wanted = [m for m in args.models.split(",") if m]
-    archives = [store / f"{m}.mar" for m in wanted] if wanted else sorted(store.glob("*.mar"))
+    archives = [store / f"{m}.mar" for m in wanted] if wanted else sorted(p for p in store.glob("*.mar") if p.name.count(".") == 1)
     say = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
     try:
         missing = [a.name for a in archives if not a.is_file()]
         if missing or not archives:
-            raise ScriptError(f"not in {store}: {', '.join(missing) or 'any .mar'}; make mar")
+            raise ScriptError(f"not in {store}: {', '.join(missing) or 'any .mar'}; ts-archive build (make mar) first")
         gpus = detect_gpus() if device is DeviceType.GPU else 0
         if device is DeviceType.GPU and gpus == 0:
-            raise ScriptError("no GPU here (torch sees none): run it on a machine with one, or --device cpu")
+            raise ScriptError("no GPU here (none visible): run it on a machine with one, or --device cpu")
+        data = _data(args.data)
         env = environment(device)
-        png = args.image.read_bytes()
         say(f"ts-gpu-check: {len(archives)} archive(s) on {device.value} workers; {env['gpu'] or 'no GPU'}")
-        timings = dtype_timings(store, torch.device("cuda:0" if device is DeviceType.GPU else "cpu"))
         checks: list[ArchiveCheck] = []
         loads: list[LoadCheck] = []
+        times: list[dict[str, Any]] = []
         with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp, serving(store, Path(tmp), gpus, args.logs) as run:
             management, api = Management.from_run(run), Inference.from_run(run)
             for i, archive in enumerate(archives, 1):
-                check = check_archive(management, api, archive, device, png)
+                check, bodies, expected = check_archive(management, api, archive, device, data, args.rows, Path(tmp))
                 checks.append(check)
                 say(f"[{i}/{len(archives)}] {check.name}: {check.outcome}; {check.detail}; {check.runs_with}")
-            for name in [n for n in DTYPE_ARCHIVES if (store / f"{n}.mar") in archives]:
-                management.register(f"{name}.mar", name=name, device=device)
-                expected = json.loads(api.post(name, png, "image/png").content)["predictions"][0]["index"]
-                loads.append(load(api, name, png, expected, args.clients, args.requests))
-                management.unregister(name)
-                say(f"load on {name}: {loads[-1].req_per_s:,.0f} req/s, statuses {loads[-1].statuses}, wrong {loads[-1].wrong}")
-    except ScriptError as err:
+                if check.outcome == "served" and args.clients > 0:
+                    management.register(archive.name, name=check.name, device=device)
+                    try:
+                        bound = check.measure.get("tolerance", FP32_TOLERANCE)
+                        loads.append(load(api, check.name, bodies[0], expected[0], bound, args.clients, args.requests))
+                    finally:
+                        management.unregister(check.name)
+                    say(f"  load: {loads[-1].req_per_s:,.0f} req/s, statuses {loads[-1].statuses}, wrong {loads[-1].wrong}")
+                if check.outcome == "served":
+                    times += timings(archive, torch.device("cuda:0" if device is DeviceType.GPU else "cpu"), Path(tmp))
+    except ServereadyError as err:
         print(f"ts-gpu-check: error: {err.message}", file=sys.stderr)
-        return 1
+        return err.exit_code
     report = {"environment": env, "archives": [asdict(c) for c in checks],
-              "loads": [{**asdict(ld), "req_per_s": ld.req_per_s} for ld in loads], "in_process": timings}
+              "loads": [{**asdict(ld), "req_per_s": ld.req_per_s} for ld in loads], "in_process": times}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
-    text = markdown(env, checks, loads, timings)
+    args.out.with_suffix(".json").write_text(json.dumps(report, indent=1, default=lambda v: None if isinstance(v, float) and math.isnan(v) else v) + "\n")
+    text = markdown(env, checks, loads, times)
     args.out.with_suffix(".md").write_text(text)
     print(text)
     errors = sum(v for c in checks for k, v in c.statuses.items() if k.startswith("5")) + sum(

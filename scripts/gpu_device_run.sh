@@ -63,12 +63,14 @@ EOF
 status=0
 if [ "${GPU_TESTS:-1}" != 0 ]; then
   "$PYTHON" -m pytest -c "$REPO/setup.cfg" --rootdir "$REPO" --import-mode=append -m gpu -p no:cacheprovider -rA \
-    "$REPO/tests/unit/test_gpu.py" 2>&1 | tee "$OUT/gpu-tests.txt"
+    "$REPO/tests/integration/test_gpu.py" 2>&1 | tee "$OUT/gpu-tests.txt"
   tests=${PIPESTATUS[0]}
   [ "$tests" = 5 ] && tests=0  # 5: nothing selected
 fi
+DATA=()
+for f in "$BUNDLE"/data/*.pt; do [ -f "$f" ] && DATA+=(--data "$f"); done
 "$PYTHON" -m serveready.scripts.gpu_check --model-store "$BUNDLE/model_store" --out "$OUT/check" --logs "$OUT/logs" \
-  --image "$REPO/docs/images/digit.png" "$@" 2>&1 | tee "$OUT/check.log"
+  "${DATA[@]}" "$@" 2>&1 | tee "$OUT/check.log"
 status=${PIPESTATUS[0]}
 if [ "${tests:-0}" != 0 ] && [ "$status" = 0 ]; then status=$tests; fi
 echo "gpu_device_run: done, status $status; report in $OUT/check.md" >&2

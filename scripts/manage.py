@@ -19,9 +19,10 @@ import sys
 from pathlib import Path
 
 from serveready.handlers.config import DeviceType
+from serveready.handlers.errors import ServereadyError
 
 from .client import DRAIN_SECONDS, Management, Workers
-from .runinfo import RunDir, ScriptError
+from .runinfo import RunDir
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -95,9 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         print(run(args))
-    except ScriptError as err:
+    except ServereadyError as err:
         print(f"ts-manage: error: {err.message}", file=sys.stderr)
-        return 1
+        return err.exit_code
     return 0
 
 

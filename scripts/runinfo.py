@@ -12,13 +12,9 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
+from serveready.handlers.errors import ScriptError
 
-class ScriptError(Exception):
-    """Root of every error the scripts report as one line and a non-zero exit."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
+__all__ = ["RunDir", "ScriptError", "TokenKind", "read_properties"]
 
 
 class TokenKind(str, Enum):

@@ -24,7 +24,8 @@ from pathlib import Path
 
 import requests
 
-from serveready.archiver.spec import DEFAULT_JOB_QUEUE_SIZE
+from serveready.handlers.archive import DEFAULT_JOB_QUEUE_SIZE
+from serveready.handlers.errors import ServereadyError
 
 from .client import Management, fresh_key
 from .runinfo import RunDir, ScriptError, TokenKind
@@ -96,13 +97,19 @@ class ServerConfig:
 
 
 def detect_gpus() -> int:
-    """GPUs torch can see on this host (0 on a CPU build)."""
-    try:
-        import torch
-
-        return torch.cuda.device_count()
-    except Exception:  # a broken CUDA install is a host without usable GPUs
+    """GPUs this host offers workers, as TorchServe counts them: ``CUDA_VISIBLE_DEVICES`` when set, else
+    ``nvidia-smi``'s list (0 without one). No torch: ``ts-server`` starts without importing it."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"])
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
         return 0
+    try:
+        listed = subprocess.run([smi, "--query-gpu=index", "--format=csv,noheader"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    return len([line for line in listed.stdout.splitlines() if line.strip().isdigit()]) if listed.returncode == 0 else 0
 
 
 def java_home() -> str | None:
@@ -324,9 +331,9 @@ def main(argv: list[str] | None = None) -> int:
         run = start(config, args.timeout, torchserve=args.torchserve)
         print(f"TorchServe is healthy: inference {run.inference_url}, management {run.management_url}; keys in {run.key_file}")
         return 0
-    except ScriptError as err:
+    except ServereadyError as err:
         print(f"ts-server: error: {err.message}", file=sys.stderr)
-        return 1
+        return err.exit_code
 
 
 if __name__ == "__main__":

@@ -1,4 +1,9 @@
-"""Shared fixtures: a freshly trained Net, its real archive, and TorchServe Contexts on it."""
+"""Shared pieces of every tier: the example models (trained here for integration and e2e; tests/unit
+overrides them with seeded untrained weights), their real archives, and TorchServe Contexts on them.
+
+Tiers by folder: tests/unit (in-process, nothing trained, no server), tests/integration (training,
+variant builds, exports), tests/e2e (real servers on free loopback ports).
+"""
 
 from __future__ import annotations
 
@@ -23,24 +28,46 @@ from PIL import Image
 from ts.context import Context, RequestProcessor
 
 from serveready.archiver import ModelSpec, build, load_spec, train
+from serveready.archiver.datasets import DataFile
+from serveready.handlers.host import handler_class_of
+from serveready.handlers.runtime import build_module
+from serveready.handlers.torchserve import TorchServeEntry
 
 ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+TIERS = ("unit", "integration", "e2e")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Tag each test with its tier, from the folder it lives in."""
     for item in items:
         tier = Path(str(item.fspath)).relative_to(ROOT / "tests").parts[0]
-        if tier in ("unit", "e2e"):
+        if tier in TIERS:
             item.add_marker(getattr(pytest.mark, tier))
 
 
 def trained(name: str, tmp_path_factory: pytest.TempPathFactory) -> ModelSpec:
-    """The repo's config ``name``, trained into a private folder."""
+    """The repo's config ``name``, trained by its example's hook into a private folder (weights and data file)."""
     spec = load_spec(ROOT / "model_configs" / f"{name}.yaml")
-    spec = dataclasses.replace(spec, weights=tmp_path_factory.mktemp("weights") / spec.weights.name)
+    folder = tmp_path_factory.mktemp("weights")
+    data = DataFile(folder / "data" / spec.data_file.path.name, spec.data_file.task) if spec.data_file else None
+    spec = dataclasses.replace(spec, weights=folder / spec.weights.name, data_file=data)
     train(spec)
     return spec
+
+
+def untrained(name: str, tmp_path_factory: pytest.TempPathFactory, seed: int = 0, sharpen: float = 20.0) -> ModelSpec:
+    """The repo's config ``name`` with seeded initial weights (the last layer's scaled by ``sharpen`` so
+    classes differ) and no data file: what a parser, a codec or a handler test needs, in milliseconds."""
+    spec = load_spec(ROOT / "model_configs" / f"{name}.yaml")
+    torch.manual_seed(seed)
+    model = build_module(spec.model_file, spec.model_class, spec.model_kwargs)
+    last = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+    with torch.no_grad():
+        last.weight.mul_(sharpen)
+    weights = tmp_path_factory.mktemp("weights") / spec.weights.name
+    torch.save(model.state_dict(), weights)
+    return dataclasses.replace(spec, weights=weights, data_file=None)
 
 
 def unpack(archive: Path, target: Path) -> Path:
@@ -56,7 +83,7 @@ def repack(archive: Path, target: Path, change: Callable[[dict[str, bytes]], Non
     ``resum``: give it fresh SHA256SUMS, as a builder of a bad archive would; without, it is
     a copy tampered with after the build.
     """
-    from serveready.archiver.integrity import normalize
+    from serveready.handlers.archive import normalize
 
     with zipfile.ZipFile(archive) as mar:
         entries = {info.filename: mar.read(info) for info in mar.infolist()}
@@ -84,6 +111,16 @@ def net_dir(net_archive: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
     return unpack(net_archive, tmp_path_factory.mktemp("unpacked"))
 
 
+def served(model_dir: Path, batch: int = 1, gpu: int | None = None, handler_class: type | None = None) -> tuple[TorchServeEntry, Context]:
+    """The archive's handler as a TorchServe worker runs it (its entry class, initialized with TorchServe's
+    own Context), and that Context for ``batch`` requests."""
+    context = make_context(model_dir, batch, gpu)
+    cls = handler_class or handler_class_of(model_dir, context.model_yaml_config)
+    entry = type(cls.__name__, (TorchServeEntry,), {"handler_class": cls})()
+    entry.initialize(context)
+    return entry, context
+
+
 def answer_without_library(model_dir: Path, bodies: list[bytes]) -> list:
     """One batch through an unpacked archive, loaded as a TorchServe worker does, in a Python that has
     torch and ts but neither this library (``-S`` hides the editable install) nor numpy."""
@@ -96,6 +133,8 @@ def answer_without_library(model_dir: Path, bodies: list[bytes]) -> list:
         service = TsModelLoader().load("m", {str(model_dir)!r}, "serveready_entry.py", None, {len(bodies)})
         import serveready.handlers
         assert serveready.handlers.__file__.startswith({str(model_dir)!r}), serveready.handlers.__file__
+        from ts.context import RequestProcessor
+        service.context.request_processor = [RequestProcessor({{}}) for _ in {bodies!r}]  # what Service.predict sets per batch
         out = service._entry_point([{{"body": b}} for b in {bodies!r}], service.context)
         print(json.dumps([json.loads(a) for a in out]))
         """
@@ -169,7 +208,7 @@ def digits_model(weights: Path) -> torch.nn.Module:
     """The digits CNN built in-process from the same weights, outside any handler code."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("digits_reference", ROOT / "models" / "digits.py")
+    spec = importlib.util.spec_from_file_location("digits_reference", EXAMPLES / "digits" / "models" / "digits.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     model = module.DigitsCNN(channels=16, hidden=64)
@@ -258,9 +297,36 @@ def image_project(base: Path, channels: int, handler: dict, sample: list[int], c
 
 
 #: An RGB classifier with torchvision's usual pipeline: Resize(40), CenterCrop(32), Normalize.
-RGB_HANDLER = {"preprocess": "standard", "resize": [40], "crop": [32], "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3], "top_k": 2}
+RGB_HANDLER = {"resize": [40], "crop": [32], "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3], "top_k": 2}
 
 
 @pytest.fixture(scope="session")
 def rgb_project(tmp_path_factory: pytest.TempPathFactory) -> ImageProject:
     return image_project(tmp_path_factory.mktemp("rgb"), 3, RGB_HANDLER, [2, 3, 32, 32], ("classes.txt", "cat\ndog\n\nbird\nfish\n"))
+
+
+def example_module(example: str, name: str) -> Any:
+    """An example folder's module (``examples/<example>/<name>.py``), its neighbours importable as in its folder."""
+    import importlib.util
+    import sys
+
+    key = f"example_{example}_{name}"
+    if key not in sys.modules:
+        folder = str(EXAMPLES / example)
+        if folder not in sys.path:
+            sys.path.append(folder)
+        spec = importlib.util.spec_from_file_location(key, EXAMPLES / example / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[key] = module
+        spec.loader.exec_module(module)
+    return sys.modules[key]
+
+
+def net_split() -> dict[str, torch.Tensor]:
+    """The generated regression task as the net example trains on it (net.yaml's training: seed 0, 2000 rows, 20% held out)."""
+    return example_module("net", "train").make_regression(0, 2000, 10, 0.2, 0.1)
+
+
+def digits_split() -> dict[str, torch.Tensor]:
+    """scikit-learn's digits split as the example trains on it (seed 0, 20% held out): ink / 16, (n, 1, 8, 8)."""
+    return example_module("digits", "train").load_split(0, 0.2)

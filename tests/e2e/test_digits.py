@@ -12,16 +12,16 @@ import requests
 import torch
 from PIL import Image
 
-from serveready.archiver.datasets import load_digits_split
-from serveready.handlers.images import open_image, to_digit_grid
+from serveready.handlers.images import open_image
 from serveready.scripts import explain
 from serveready.scripts.runinfo import RunDir, TokenKind
-from tests.conftest import digits_model, render_digit
+from tests.conftest import digits_model, digits_split, example_module, render_digit
 from tests.e2e.conftest import Api
 from tests.e2e.test_serve import ts_manage
 
-SPLIT = load_digits_split(0, 0.2)
-INK = (SPLIT.x_test[:, 0] * 16).numpy()
+SPLIT = digits_split()
+INK = (SPLIT["x_test"][:, 0] * 16).numpy()
+to_digit_grid = example_module("digits", "digits_handler").to_digit_grid
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +65,7 @@ def test_served_accuracy_over_the_heldout_split_matches_in_process(digits: RunDi
     arrays = _many(api, [(json.dumps({"inputs": ink.tolist(), "k": 1}).encode(), "application/json") for ink in INK])
     pictures = [render_digit(ink, (40, 40), "PNG") for ink in INK]
     images = _many(api, [(p, "image/png") for p in pictures])
-    labels = SPLIT.y_test.numpy()
+    labels = SPLIT["y_test"].numpy()
     served_arrays = np.array([r.json()["predictions"][0]["index"] for r in arrays])
     served_images = np.array([r.json()["predictions"][0]["index"] for r in images])
     in_process_arrays = _in_process(model, INK / 16).argmax(dim=1).numpy()

@@ -22,7 +22,7 @@ import psutil
 import pytest
 import requests
 
-from serveready.archiver.build import rewrite_model_config
+from serveready.handlers.archive import Archive
 from serveready.scripts.client import Inference, Management, worker_gone
 from serveready.scripts.loadgen import Load as WrkLoad
 from serveready.scripts.loadgen import run_wrk
@@ -204,7 +204,7 @@ def test_sustained_load_is_all_correct_and_memory_stays_flat(faults: RunDir, net
 def test_a_burst_beyond_torchserves_own_queue_gets_no_503(net_archive: Path, tmp_path: Path) -> None:
     """256 clients at once: the archive's queue of 1000 answers all; TorchServe's own 100 turns most away with 503."""
     _need_wrk()
-    stock = rewrite_model_config(net_archive, tmp_path / "net_q100.mar", lambda config: config.update(jobQueueSize=100))
+    stock = Archive(net_archive).rewrite(tmp_path / "net_q100.mar", lambda config: config.update(jobQueueSize=100)).path
     body = tmp_path / "row.json"
     body.write_text(json.dumps({"inputs": ROWS[0].tolist()}))
     results = {}

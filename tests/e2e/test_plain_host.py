@@ -14,9 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from serveready.archiver.datasets import load_digits_split
 from serveready.scripts.runinfo import RunDir
-from tests.conftest import RGB_HANDLER, ImageProject, VariantBuild, digits_model, reference_net, render_digit
+from tests.conftest import RGB_HANDLER, ImageProject, VariantBuild, digits_model, digits_split, reference_net, render_digit
 from tests.e2e.conftest import PLAIN, Api, plain_launcher, serving
 from tests.e2e.test_serve import ts_manage
 
@@ -49,13 +48,13 @@ def test_net_archives_serve(plain: RunDir, net_spec, name: str) -> None:  # noqa
 @pytest.mark.parametrize("name", ["digits", "digits_int8_static"])
 def test_digits_archives_serve_images_and_say_why_no_explanations(plain: RunDir, digits_spec, name: str) -> None:  # noqa: ANN001
     assert ts_manage(plain, "register", f"{name}.mar").returncode == 0
-    split = load_digits_split(0, 0.2)
+    split = digits_split()
     with torch.inference_mode():
-        expected = digits_model(digits_spec.weights)(split.x_test[:5]).argmax(dim=1).tolist()
-    for ink, label in zip(split.x_test[:5], expected, strict=True):
+        expected = digits_model(digits_spec.weights)(split["x_test"][:5]).argmax(dim=1).tolist()
+    for ink, label in zip(split["x_test"][:5], expected, strict=True):
         reply = Api(plain).predict(name, json.dumps({"inputs": (ink[0] * 16).tolist(), "k": 1}))
         assert reply.status_code == 200 and reply.json()["predictions"][0]["index"] == label
-    picture = render_digit((split.x_test[0, 0] * 16).numpy(), (60, 60))
+    picture = render_digit((split["x_test"][0, 0] * 16).numpy(), (60, 60))
     assert Api(plain).predict(name, picture, content_type="image/png").status_code == 200
     explained = Api(plain).predict(name, picture, content_type="image/png", endpoint="explanations")
     assert explained.status_code == 501 and "explanations need" in explained.json()["message"]

@@ -12,9 +12,8 @@ import requests
 import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
-from serveready.archiver.datasets import load_digits_split
 from serveready.scripts.runinfo import RunDir, TokenKind
-from tests.conftest import reference_net, render_digit
+from tests.conftest import digits_split, reference_net, render_digit
 from tests.e2e.conftest import Api
 
 ROWS = np.random.default_rng(17).normal(size=(4, 10)).astype(np.float32)
@@ -50,7 +49,7 @@ def test_kserve_v1_and_v2_paths_reach_the_handler(served: RunDir, net_spec) -> N
     assert (answer["model_name"], answer["id"], answer["outputs"][0]["shape"]) == ("oip_net", "a1", [4, 1])
     bad = requests.post(f"{url}/v2/models/oip_net/infer", json={"inputs": [{"name": "rows", "shape": [1, 3], "datatype": "FP32", "data": [1, 2, 3]}]},
                         headers=key, timeout=30)
-    assert bad.status_code == 400 and bad.json() == {"error": "v2: input 'rows' must be numbers of shape [rows, 10] (or [10]), got FP32 [1, 3]"}
+    assert bad.status_code == 400 and bad.json() == {"error": "v2: input 'rows': expected numbers of shape [rows, 10] (or [10]), got [1, 3]"}
     health = requests.get(f"{url}/v2/health/ready", headers=key, timeout=30)
     assert health.status_code == 200 and health.json() == {"ready": True}
 
@@ -70,8 +69,8 @@ def test_tritonclient_infers_net_like_our_json_api(served: RunDir, binary: bool)
 @pytest.mark.parametrize("binary", [True, False])
 def test_tritonclient_classifies_digit_images_like_our_json_api(served: RunDir, binary: bool) -> None:
     client, key = _client(served), _key(served)
-    split = load_digits_split(0, 0.2)
-    pngs = [render_digit((split.x_test[i, 0] * 16).numpy(), (40, 40)) for i in range(3)]
+    split = digits_split()
+    pngs = [render_digit((split["x_test"][i, 0] * 16).numpy(), (40, 40)) for i in range(3)]
     # BYTES: raw files with the binary extension, base64 strings in JSON
     images = triton.InferInput("image", [3], "BYTES")
     images.set_data_from_numpy(np.array(pngs if binary else [base64.b64encode(p) for p in pngs], dtype=np.object_), binary_data=binary)
@@ -86,7 +85,7 @@ def test_tritonclient_reads_our_errors_and_what_torchserve_does_not_serve(served
     client, key = _client(served), _key(served)
     wrong = triton.InferInput("rows", [1, 3], "FP32")
     wrong.set_data_from_numpy(np.zeros((1, 3), dtype=np.float32), binary_data=False)
-    with pytest.raises(InferenceServerException, match=r"v2: input 'rows' must be numbers of shape \[rows, 10\]"):
+    with pytest.raises(InferenceServerException, match=r"v2: input 'rows': expected numbers of shape \[rows, 10\]"):
         client.infer("oip_net", [wrong], headers=key)
     # TorchServe 0.12 has no v2 model metadata route (its OIP handler serves health and server metadata only)
     with pytest.raises(InferenceServerException):

@@ -89,13 +89,13 @@ def test_a_malicious_pickle_never_runs_in_the_worker(live: RunDir, tmp_path: Pat
 
 
 def test_register_with_a_public_key_takes_only_archives_signed_with_its_private_key(live: RunDir, tmp_path: Path) -> None:
-    from serveready.archiver.signing import generate_key, sign
+    from serveready.handlers.archive import Archive, generate_key
 
     private, public = generate_key(tmp_path / "archive")
     repack(live.model_store / "net.mar", live.model_store / "signed.mar", lambda e: None)
     unsigned = ts_manage(live, "register", "signed.mar", "--public-key", str(public))
     assert unsigned.returncode == 1 and "signed.mar is refused, not registered: it is not signed: no signed.mar.sig beside it" in unsigned.stderr
-    sign(live.model_store / "signed.mar", private)
+    Archive(live.model_store / "signed.mar").sign(private)
     done = ts_manage(live, "register", "signed.mar", "--public-key", str(public))
     assert done.returncode == 0, done.stderr
     assert Api(live).predict("signed", ROW).status_code == 200

@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from serveready.archiver.cli import main as archive_main
-from serveready.archiver.tune import Candidate, SweepPlan, sweep
-from tests.conftest import ROOT
+from serveready.archiver.tune import Candidate, SweepPlan
+from serveready.scripts.archive import main as archive_main
+from serveready.scripts.tune import sweep
+from tests.conftest import EXAMPLES
 
 
 def _need_wrk() -> None:
@@ -46,10 +47,9 @@ def test_sweep_counts_refused_requests_as_errors(net_archive: Path) -> None:
 def test_tune_command_measures_and_writes_the_pick(net_archive: Path, tmp_path: Path) -> None:
     """`ts-archive tune` end to end on a tiny grid: measured on a real TorchServe, reported, written into serve:."""
     _need_wrk()
-    configs, store, out = tmp_path / "model_configs", tmp_path / "model_store", tmp_path / "tuning"
-    configs.mkdir()
+    folder = shutil.copytree(EXAMPLES / "net", tmp_path / "net", ignore=shutil.ignore_patterns("artifacts", "data", "__pycache__", "net_*.yaml"))
+    configs, store, out = folder / "model_configs", tmp_path / "model_store", tmp_path / "tuning"
     store.mkdir()
-    shutil.copy(ROOT / "model_configs" / "net.yaml", configs / "net.yaml")
     shutil.copy(net_archive, store / "net.mar")
     code = archive_main(["--configs", str(configs), "tune", "net", "--store", str(store), "--concurrency", "1,2", "--workers", "1",
                          "--batch-sizes", "1,2", "--delays", "0", "--threads", "1", "--seconds", "1", "--screen-seconds", "1", "--keep", "2",

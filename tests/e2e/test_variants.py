@@ -10,15 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from serveready.archiver.datasets import load_digits_split
 from serveready.scripts.runinfo import RunDir
-from tests.conftest import VariantBuild, digits_model, reference_net
+from tests.conftest import VariantBuild, digits_model, digits_split, reference_net
 from tests.e2e.conftest import Api, serving
 from tests.e2e.test_serve import ts_manage
 
 NAMES = sorted(p.stem for p in (Path(__file__).resolve().parents[2] / "model_configs").glob("*_*.yaml"))
 ROWS = np.random.default_rng(7).normal(size=(16, 10)).astype(np.float32)
-IMAGES = load_digits_split(0, 0.2).x_test[:8]
+IMAGES = digits_split()["x_test"][:8]
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from serveready.scripts.bench import START, Summary, main, verdicts, write_doc
 from serveready.scripts.loadgen import Load, lua_script, parse_result
+from tools.bench import START, Summary, main, verdicts, write_doc
 
 
 def test_lua_script_posts_the_body_with_the_key(tmp_path: Path) -> None:

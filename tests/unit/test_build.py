@@ -7,6 +7,7 @@ import json
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -14,7 +15,7 @@ import yaml
 from serveready.archiver import ArchiverError, ModelSpec, build, load_spec, verify
 from serveready.archiver.build import model_config
 from serveready.archiver.spec import ServeOptions
-from tests.conftest import answer_without_library
+from tests.conftest import EXAMPLES, answer_without_library, digits_model, reference_net
 
 ROOT = Path(__file__).resolve().parents[2]
 #: sklearn's digits.images[0], a zero.
@@ -28,7 +29,8 @@ def test_archive_holds_model_weights_config_and_handlers(net_archive: Path, net_
         manifest = json.loads(mar.read("MAR-INF/MANIFEST.json"))
         config = yaml.safe_load(mar.read("model-config.yaml"))
         weights = mar.read("net.pt")
-    assert {"net.py", "net.pt", "serveready_entry.py", "model-config.yaml", "serveready/__init__.py", "serveready/handlers/base.py", "serveready/handlers/payload.py"} <= names
+    assert {"net.py", "net.pt", "serveready_entry.py", "model-config.yaml", "serveready/__init__.py", "serveready/handlers/base.py",
+            "serveready/handlers/engine.py", "serveready/handlers/torchserve.py", "serveready/handlers/payload.py"} <= names
     assert not any(n.endswith(".pyc") for n in names)
     assert manifest["model"] == {
         "modelName": "net",
@@ -41,6 +43,7 @@ def test_archive_holds_model_weights_config_and_handlers(net_archive: Path, net_
     assert config["minWorkers"] == net_spec.serve.minWorkers and config["deviceType"] == "cpu"  # serve: as written (tuned)
     assert config["model"] == {"format": "eager", "class_name": "Net", "kwargs": {"in_features": 10, "hidden": 20}, "sample_shape": [2, 10]}
     assert config["handler"] == {"torch_threads": 1, "ig_steps": 50, "metrics": True, "input_width": 10, "max_rows": 1024}
+    assert config["serveready"] == {"version": "0.3.0", "handler": "serveready.handlers.tabular:TabularHandler"}
     assert weights == net_spec.weights.read_bytes()  # the state_dict itself, not a pickled module
 
 
@@ -89,7 +92,7 @@ def test_bad_configs_are_refused(tmp_path: Path, patch: dict, message: str) -> N
     path = tmp_path / "configs" / "bad.yaml"
     path.write_text(yaml.safe_dump(raw))
     with pytest.raises(ArchiverError) as err:
-        load_spec(path, root=ROOT)
+        load_spec(path, root=EXAMPLES / "net")
     assert message in err.value.message
 
 
@@ -103,10 +106,14 @@ def test_bad_configs_are_refused(tmp_path: Path, patch: dict, message: str) -> N
 def test_archive_serves_without_this_library_or_numpy(archive: str, handler: str, body: bytes, request: pytest.FixtureRequest) -> None:
     """Load the archive as a TorchServe worker does, with torch and ts but not this repo, nor numpy."""
     assert handler == "serveready_entry.py"
-    [answer] = answer_without_library(request.getfixturevalue(archive), [body])
-    assert "predictions" in answer and len(answer["predictions"]) >= 1
-    if archive == "digits_dir":
-        assert answer["predictions"][0]["class"] == "0"
+    folder = request.getfixturevalue(archive)
+    [answer] = answer_without_library(folder, [body])
+    if archive == "net_dir":
+        np.testing.assert_allclose(answer["predictions"], reference_net(folder / "net.pt", np.zeros((1, 10), np.float32)), rtol=1e-5, atol=1e-6)
+    else:
+        with torch.inference_mode():
+            expected = int(digits_model(folder / "digits.pt")(torch.tensor(ZERO_DIGIT, dtype=torch.float32).reshape(1, 1, 8, 8) / 16).argmax())
+        assert answer["predictions"][0]["index"] == expected and len(answer["predictions"]) == 3
 
 
 #: model_configs/net.yaml as the README documented it before handlers had names.
@@ -136,10 +143,16 @@ serve:                         # TorchServe model-config keys, copied into the a
 
 
 def test_the_config_format_the_readme_documented_still_builds(net_spec: ModelSpec, tmp_path: Path) -> None:
+    """0.1's handler path still names the built-in; 0.2's built-in recipe gets an error that shows the new form."""
     (tmp_path / "configs").mkdir()
     (tmp_path / "configs" / "net.yaml").write_text(README_0_1_CONFIG)
-    spec = dataclasses.replace(load_spec(tmp_path / "configs" / "net.yaml", root=ROOT), weights=net_spec.weights)
-    assert spec.handler.module == "serveready.handlers.tabular" and spec.training == net_spec.training
+    with pytest.raises(ArchiverError) as err:
+        load_spec(tmp_path / "configs" / "net.yaml", root=EXAMPLES / "net")
+    assert err.value.message.startswith("net.yaml: training.recipe 'regression' was a recipe built into serveready 0.2")
+    assert "training: {recipe: train.py:fit, ...} (this repo's: examples/net/train.py:fit" in err.value.message
+    (tmp_path / "configs" / "net.yaml").write_text(README_0_1_CONFIG.replace("training: {recipe: regression", "# training: {recipe: regression"))
+    spec = dataclasses.replace(load_spec(tmp_path / "configs" / "net.yaml", root=EXAMPLES / "net"), weights=net_spec.weights)
+    assert spec.handler.module == "serveready.handlers.tabular" and spec.training is None
     with zipfile.ZipFile(build(spec, tmp_path / "store")) as mar:
         assert yaml.safe_load(mar.read("model-config.yaml"))["handler"]["input_width"] == 10
 

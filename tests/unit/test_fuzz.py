@@ -19,9 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from serveready.handlers.image_classifier import ImageClassifierHandler
-from serveready.handlers.tabular import TabularHandler
-from tests.conftest import make_context
+from tests.conftest import served
 
 # Derandomized: CI runs the same 300 examples each time (a new find must not fail an unrelated change);
 # explore with FUZZ_EXAMPLES=5000 pytest tests/unit/test_fuzz.py (random examples, a new seed each run).
@@ -90,20 +88,14 @@ v2_bodies = st.fixed_dictionaries({"inputs": st.lists(st.dictionaries(st.sampled
                                   optional={"id": json_values, "instances": json_values})
 
 
-def _ready(handler: Any, folder: Path) -> tuple[Any, Any]:
-    context = make_context(folder, 2)
-    handler.initialize(context)
-    return handler, context
-
-
 @pytest.fixture
 def tabular(net_dir: Path) -> tuple[Any, Any]:
-    return _ready(TabularHandler(), net_dir)
+    return served(net_dir, 2)
 
 
 @pytest.fixture
 def digits(digits_dir: Path) -> tuple[Any, Any]:
-    return _ready(ImageClassifierHandler(), digits_dir)
+    return served(digits_dir, 2)
 
 
 @FUZZ

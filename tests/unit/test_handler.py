@@ -1,4 +1,4 @@
-"""TabularHandler driven through TorchServe's own Context on a real unpacked archive."""
+"""TabularHandler as a TorchServe worker runs it (the archive's entry class, TorchServe's own Context), on a real unpacked archive."""
 
 from __future__ import annotations
 
@@ -9,15 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from serveready.handlers.tabular import TabularHandler
-from tests.conftest import handled, make_context, reference_net
+from serveready.handlers.torchserve import TorchServeEntry
+from tests.conftest import handled, reference_net, served
 
 
-def _ready(net_dir: Path, batch: int) -> tuple[TabularHandler, object]:
-    context = make_context(net_dir, batch)
-    handler = TabularHandler()
-    handler.initialize(context)
-    return handler, context
+def _ready(net_dir: Path, batch: int) -> tuple[TorchServeEntry, object]:
+    return served(net_dir, batch)
 
 
 def _request(payload: object) -> dict:
@@ -26,8 +23,8 @@ def _request(payload: object) -> dict:
 
 def test_initialize_loads_eval_model_with_one_thread(net_dir: Path) -> None:
     handler, _ = _ready(net_dir, 1)
-    assert handler.initialized and not handler.model.training
-    assert handler.device == torch.device("cpu")
+    assert handler.initialized and not handler.engine.model.training
+    assert handler.engine.device == torch.device("cpu")
     assert torch.get_num_threads() == 1  # the archive's handler.torch_threads
 
 
@@ -70,7 +67,7 @@ def test_batch_mixes_good_and_bad_requests_and_keeps_order(net_dir: Path) -> Non
 
 def test_all_bad_batch_runs_no_inference(net_dir: Path) -> None:
     handler, context = _ready(net_dir, 2)
-    handler.model = None  # inference would fail loudly if it were reached
+    handler.engine.model = None  # inference would fail loudly if it were reached
     answers = handled(handler, [_request({}), _request({"inputs": []})], context)
     assert [a["code"] for a in answers] == [400, 400]
 
@@ -83,7 +80,7 @@ def test_inference_failure_is_generic_500_for_the_batch(net_dir: Path) -> None:
     def broken(_: torch.Tensor) -> torch.Tensor:
         raise ValueError("secret internal detail")
 
-    handler.model = broken
+    handler.engine.model = broken
     with pytest.raises(PredictionException) as err:
         handled(handler, [_request({"inputs": [0] * 10})], context)
     assert err.value.error_code == 500 and "secret" not in err.value.message
@@ -129,14 +126,14 @@ def test_explanations_without_their_libraries_say_which_to_install(net_dir: Path
 
 def test_a_fault_in_decoding_fails_that_request_alone(net_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     handler, context = _ready(net_dir, 2)
-    decode = handler.decode
+    decode = handler.engine.handler.decode
 
-    def flaky(request, headers):  # noqa: ANN001, ANN202
-        if request["body"] == b"boom":
+    def flaky(request):  # noqa: ANN001, ANN202
+        if request.body == b"boom":
             raise ValueError("a bug of ours, not the client's")
-        return decode(request, headers)
+        return decode(request)
 
-    monkeypatch.setattr(handler, "decode", flaky)
+    monkeypatch.setattr(handler.engine.handler, "decode", flaky)
     bad, good = handled(handler, [{"body": b"boom"}, _request({"inputs": [0.0] * 10})], context)
     assert bad == {"code": 500, "type": "HandlerError", "message": "this request could not be decoded: internal error, see the model log"}
     assert context.get_response_status(0)[0] == 500 and "predictions" in good

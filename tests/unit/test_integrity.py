@@ -14,12 +14,14 @@ import pytest
 import torch
 
 from serveready.archiver import ModelSpec, build
-from serveready.archiver.cli import main as ts_archive
-from serveready.archiver.entries import ENTRY_MODULE
-from serveready.archiver.integrity import SUMS_ENTRY, verify
 from serveready.handlers import ModelLoadError
-from serveready.handlers.tabular import TabularHandler
-from tests.conftest import make_context, repack, unpack
+from serveready.handlers.archive import ENTRY_MODULE, SUMS_ENTRY, Archive
+from serveready.scripts.archive import main as ts_archive
+from tests.conftest import repack, served, unpack
+
+
+def verify(archive: Path) -> list[str]:
+    return Archive(archive).problems()
 
 
 def _sha(path: Path) -> str:
@@ -129,27 +131,30 @@ def test_a_malicious_pickle_as_weights_is_refused_and_never_runs(net_archive: Pa
     assert verify(hostile) == []
     folder = unpack(hostile, tmp_path / "hostile")
     with pytest.raises(ModelLoadError, match="net.pt is not a loadable state_dict"):
-        TabularHandler().initialize(make_context(folder, 1))
+        served(folder, 1)
     assert not marker.exists()
 
 
 def test_signed_archives_verify_and_changed_or_foreign_ones_do_not(net_archive: Path, tmp_path: Path) -> None:
     import shutil
 
-    from serveready.archiver import ArchiverError
-    from serveready.archiver.signing import generate_key, sign, signature_problems
+    from serveready.handlers.archive import generate_key
+    from serveready.handlers.errors import ArchiveError
 
     private, public = generate_key(tmp_path / "keys" / "archive")
     assert private.stat().st_mode & 0o777 == 0o600 and public.name == "archive.pub"
-    with pytest.raises(ArchiverError, match="exists: keys are never overwritten"):
+    with pytest.raises(ArchiveError, match="exists: keys are never overwritten"):
         generate_key(private)
-    archive = Path(shutil.copy(net_archive, tmp_path / "net.mar"))
-    assert signature_problems(archive, public) == ["it is not signed: no net.mar.sig beside it (ts-archive sign)"]
-    assert sign(archive, private) == tmp_path / "net.mar.sig"
-    assert signature_problems(archive, public) == []
-    assert ts_archive(["verify", str(archive), "--public-key", str(public)]) == 0
+    archive = Archive(shutil.copy(net_archive, tmp_path / "net.mar"))
+    assert archive.signature_problems(public) == ["it is not signed: no net.mar.sig beside it (ts-archive sign)"]
+    assert archive.sign(private) == tmp_path / "net.mar.sig"
+    assert archive.signature_problems(public) == []
+    archive.check(public)  # raises nothing
+    assert ts_archive(["verify", str(archive.path), "--public-key", str(public)]) == 0
     _, other = generate_key(tmp_path / "keys" / "other")
-    assert "does not match" in signature_problems(archive, other)[0]
-    repack(net_archive, archive, _flip_weights)  # changed and re-summed, as an attacker would: the signature still catches it
-    assert verify(archive) == [] and "does not match" in signature_problems(archive, public)[0]
-    assert ts_archive(["verify", str(archive), "--public-key", str(public)]) == 1
+    assert "does not match" in archive.signature_problems(other)[0]
+    with pytest.raises(ArchiveError, match="net.mar is refused, not loaded: its signature net.mar.sig does not match"):
+        archive.check(other, outcome="not loaded")
+    repack(net_archive, archive.path, _flip_weights)  # changed and re-summed, as an attacker would: the signature still catches it
+    assert archive.problems() == [] and "does not match" in archive.signature_problems(public)[0]
+    assert ts_archive(["verify", str(archive.path), "--public-key", str(public)]) == 1

@@ -15,10 +15,10 @@ import pytest
 import yaml
 
 from serveready.archiver import ArchiverError, ModelSpec
-from serveready.archiver.integrity import verify
 from serveready.archiver.kserve import Deployment, export, inference_service
+from serveready.handlers.archive import Archive
 from serveready.scripts.runinfo import read_properties
-from tests.conftest import ROOT, VariantBuild
+from tests.conftest import ROOT
 
 SCHEMA = yaml.safe_load((ROOT / "tests" / "data" / "inferenceservice-v1beta1.pruned.yaml").read_text())
 #: Kubernetes object names (RFC 1123 labels)
@@ -74,8 +74,8 @@ def test_the_validator_does_refuse_what_kubernetes_would(net_spec: ModelSpec) ->
     assert _errors({"apiVersion": "serving.kserve.io/v1beta1", "kind": "InferenceService", "metadata": {}, "spec": {}}) == ["spec: 'predictor' is a required property"]
 
 
-def test_variant_names_become_kubernetes_names(variant_builds: dict[str, VariantBuild]) -> None:
-    assert inference_service(variant_builds["net_int8"].spec, Deployment())["metadata"]["name"] == "net-int8"
+def test_variant_names_become_kubernetes_names(net_spec: ModelSpec) -> None:
+    assert inference_service(dataclasses.replace(net_spec, name="net_int8"), Deployment())["metadata"]["name"] == "net-int8"
 
 
 def test_config_properties_load_the_model_with_its_serve_settings(net_spec: ModelSpec, net_archive: Path, tmp_path: Path) -> None:
@@ -94,7 +94,7 @@ def test_gpu_trees_carry_an_archive_that_asks_for_the_gpu(net_spec: ModelSpec, n
     copied = folder / "model-store" / "net.mar"
     with zipfile.ZipFile(copied) as mar:
         assert yaml.safe_load(mar.read("model-config.yaml"))["deviceType"] == "gpu"
-    assert verify(copied) == []
+    assert Archive(copied).problems() == []
 
 
 @pytest.mark.parametrize(("changes", "message"), [

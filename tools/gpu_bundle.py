@@ -1,4 +1,4 @@
-"""ts-gpu-bundle: pack what `make gpu-check` needs for a GPU machine that has Python and torch
+"""``make gpu-bundle`` (``python -m tools.gpu_bundle``): pack what `make gpu-check` needs for a GPU machine that has Python and torch
 but no Java, no network and a small upload limit.
 
 That is the kind of machine lent to some development sessions (its own torch with CUDA, 64 MiB
@@ -11,6 +11,7 @@ of upload). The bundle is one folder (default ``gpu-bundle/``):
   may lack (requests, psutil, pytest, ...), installed there only where missing;
 - ``model_store/``: the archives as built here (torch keeps state_dicts, ONNX files and
   ``torch.export`` programs loadable across these versions);
+- ``data/``: the examples' held-out data files (``ts-gpu-check --data``: real inputs, not random ones);
 - ``MANIFEST.json``: what is inside and where it came from.
 
 ``scripts/gpu_device_run.sh`` unpacks it on the other machine and runs the GPU tests and
@@ -34,8 +35,8 @@ import zipfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from .runinfo import ScriptError
-from .server import java_home
+from serveready.scripts.runinfo import ScriptError
+from serveready.scripts.server import java_home
 
 #: The Java modules TorchServe 0.12's frontend loads (java.desktop for java.beans, jdk.crypto.ec
 #: for TLS, java.sql for its dependencies' drivers); measured by running it on the cut runtime.
@@ -122,8 +123,10 @@ def pack(folder: Path, archive: Path, preset: int) -> None:
         tar.add(folder, arcname=folder.name)
 
 
-def build_bundle(model_store: Path, wheel: Path, out: Path, preset: int = 9, say: Callable[[str], None] = print) -> dict[str, object]:
-    """Write the bundle to ``out`` (replacing it) and return its manifest."""
+def build_bundle(model_store: Path, wheel: Path, out: Path, preset: int = 9, say: Callable[[str], None] = print,
+                 data: Iterable[Path] = ()) -> dict[str, object]:
+    """Write the bundle to ``out`` (replacing it) and return its manifest; ``data``: files ts-gpu-check takes inputs from."""
+    data = [Path(p) for p in data]
     archives = sorted(model_store.glob("*.mar"))
     if not archives:
         raise ScriptError(f"no .mar in {model_store}: make mar")
@@ -157,6 +160,11 @@ def build_bundle(model_store: Path, wheel: Path, out: Path, preset: int = 9, say
 
     shutil.copytree(model_store, out / "model_store", ignore=shutil.ignore_patterns("*.tmp"))
     say(f"model_store/: {_mib(*(out / 'model_store').iterdir())} ({len(archives)} archives)")
+    if data:
+        (out / "data").mkdir()
+        for path in data:
+            shutil.copy2(path, out / "data" / path.name)
+        say(f"data/: {_mib(*(out / 'data').iterdir())} (held-out inputs for ts-gpu-check: {', '.join(p.name for p in data)})")
     manifest: dict[str, object] = {
         "built": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "python": sys.version.split()[0], "torch": importlib.metadata.version("torch"), "serveready": wheel.name,
@@ -194,10 +202,11 @@ def _mib(*paths: Path) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ts-gpu-bundle", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.gpu_bundle", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model-store", type=Path, default=Path("model_store"))
     parser.add_argument("--wheel", type=Path, help="this library's wheel (default: the newest dist/serveready-*.whl; make wheel)")
     parser.add_argument("--out", type=Path, default=Path("gpu-bundle"))
+    parser.add_argument("--data", type=Path, nargs="*", help="data files for ts-gpu-check --data (default: examples/*/data/*.pt)")
     parser.add_argument("--preset", type=int, default=9, choices=range(10), metavar="0-9", help="xz level (default: %(default)s)")
     return parser
 
@@ -210,12 +219,13 @@ def main(argv: list[str] | None = None) -> int:
             raise ScriptError("no serveready wheel: make wheel (or --wheel PATH)")
         if args.wheel is None and _newer_sources(wheel):
             raise ScriptError(f"{wheel} is older than the sources here: make gpu-bundle (it rebuilds the wheel), or --wheel PATH")
-        build_bundle(args.model_store, wheel, args.out, args.preset, say=lambda line: print(line, file=sys.stderr, flush=True))
+        data = args.data if args.data is not None else sorted(Path("examples").glob("*/data/*.pt"))
+        build_bundle(args.model_store, wheel, args.out, args.preset, say=lambda line: print(line, file=sys.stderr, flush=True), data=data)
     except ScriptError as err:
-        print(f"ts-gpu-bundle: error: {err.message}", file=sys.stderr)
+        print(f"gpu-bundle: error: {err.message}", file=sys.stderr)
         return 1
     except (subprocess.CalledProcessError, OSError, importlib.metadata.PackageNotFoundError) as err:
-        print(f"ts-gpu-bundle: error: {err}", file=sys.stderr)
+        print(f"gpu-bundle: error: {err}", file=sys.stderr)
         return 1
     return 0
 

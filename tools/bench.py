@@ -1,4 +1,4 @@
-"""Side-by-side HTTP benchmark (also ``ts-bench``; ``make bench``): this project against stock set-ups.
+"""Side-by-side HTTP benchmark (``make bench``, ``python -m tools.bench``): this project against stock set-ups.
 
 One run, on the same weights, with ``wrk`` as the closed-loop client:
 
@@ -7,7 +7,10 @@ One run, on the same weights, with ``wrk`` as the closed-loop client:
 - ``project-1ms``: the same archive and server, 2 workers, batch 16, 1 ms (what the tuner
   picks when a lone client may wait for a batch);
 - ``stock-b1``: a TorchServe-example-style handler (``BaseHandler``), 2 workers, batch 1,
-  on a TorchServe with its default config (logging, metrics);
+  on a TorchServe with its default config (logging, metrics in log mode);
+- ``plain``: the project's archive on that same stock TorchServe, registered by a plain register
+  call as a user of stock TorchServe would (the archive's own 2 workers, batch 1): the handler
+  against the stock one, on the same server;
 - ``stock-tuned``: the same handler hand-tuned: 2 workers, batch 8, 5 ms, 1 torch thread;
 - ``litserve``: LitServe (``pip install 'serveready[bench]'``), 2 workers, 2 API servers.
 
@@ -26,6 +29,7 @@ import dataclasses
 import datetime
 import json
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -40,15 +44,15 @@ import requests
 
 from serveready.archiver.tune import concurrency_axes
 from serveready.handlers.runtime import machine
+from serveready.scripts.client import Management
+from serveready.scripts.loadgen import Load, LoadResult, run_wrk, wrk_path
+from serveready.scripts.runinfo import RunDir, ScriptError, TokenKind
+from serveready.scripts.server import _pid, free_ports, isolated, start, stop
 
-from .client import Management
-from .loadgen import Load, LoadResult, run_wrk, wrk_path
 from .profile import profile_archive, profile_table
-from .runinfo import RunDir, ScriptError, TokenKind
-from .server import _pid, free_ports, isolated, start, stop
 
 BASELINES = Path(__file__).with_name("baselines")
-SYSTEMS = ("project", "project-1ms", "stock-b1", "stock-tuned", "litserve")
+SYSTEMS = ("project", "project-1ms", "plain", "stock-b1", "stock-tuned", "litserve")
 #: project-1ms: the same archive and server with the setting ts-archive tune picks when a lone
 #: client may wait (--lone-slowdown 0): full batches, each waiting up to 1 ms to fill.
 THROUGHPUT_SETTING = {"workers": 2, "batch_size": 16, "max_batch_delay": 1}
@@ -107,9 +111,9 @@ class Cell:
 def workloads(image: Path) -> dict[str, Workload]:
     png = image.read_bytes()
     return {
-        "net": Workload("net", "tabular", Path("models/net.py"), "Net", Path("artifacts/net.pt"),
+        "net": Workload("net", "tabular", Path("examples/net/models/net.py"), "Net", Path("examples/net/artifacts/net.pt"),
                         json.dumps(ROW).encode(), "application/json", json.dumps(ROW).encode()),
-        "digits": Workload("digits", "digits", Path("models/digits.py"), "DigitsCNN", Path("artifacts/digits.pt"),
+        "digits": Workload("digits", "digits", Path("examples/digits/models/digits.py"), "DigitsCNN", Path("examples/digits/artifacts/digits.pt"),
                            png, "image/png", json.dumps({"image": base64.b64encode(png).decode()}).encode()),
     }
 
@@ -134,7 +138,7 @@ def stock_archive(work: Workload, name: str, store: Path, serve: dict, torch_thr
 
 def start_litserve(work: Workload, log: Path, timeout: float = 120.0) -> tuple[subprocess.Popen, str]:
     [port] = free_ports(1)
-    command = [sys.executable, "-m", "serveready.scripts.baselines.litserve_app", "--kind", work.kind, "--model-file", str(work.model_file),
+    command = [sys.executable, "-m", "tools.baselines.litserve_app", "--kind", work.kind, "--model-file", str(work.model_file),
                "--class", work.class_name, "--weights", str(work.weights), "--port", str(port)]
     with open(log, "wb") as out:
         proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
@@ -182,7 +186,7 @@ def running_systems(work: Workload, names: Sequence[str], store: Path, scratch: 
                 runs.append(run.path)
             Management.from_run(run).register(f"{work.model}.mar", name=f"{work.model}_1ms", **THROUGHPUT_SETTING)
             systems.append(_ts_system("project-1ms", run, f"{work.model}_1ms", work))
-        stock = [n for n in names if n.startswith("stock-")]
+        stock = [n for n in names if n.startswith("stock-") or n == "plain"]
         if stock:
             progress(f"{work.model}: starting a stock TorchServe (default logging and metrics) for {', '.join(stock)}")
             stock_store = scratch / "stock_store"
@@ -192,12 +196,15 @@ def running_systems(work: Workload, names: Sequence[str], store: Path, scratch: 
             if "stock-tuned" in stock:
                 stock_archive(work, f"{work.model}_stock_tuned", stock_store,
                               {"minWorkers": 2, "maxWorkers": 2, "batchSize": 8, "maxBatchDelay": 5}, 1)
+            if "plain" in stock:
+                shutil.copy2(store / f"{work.model}.mar", stock_store / f"{work.model}_plain.mar")
             config = dataclasses.replace(isolated(scratch / "stock", stock_store), metrics_mode="log", log_config=None, job_queue_size=100)
             run = start(config)
             runs.append(run.path)
             management = Management.from_run(run)
             for name in stock:
-                # Registered as a stock user would (curl): ts-manage refuses archives without SHA256SUMS.
+                # Registered as a stock user would (curl): ts-manage refuses archives without SHA256SUMS,
+                # and would pass the archive's register: section, which a plain register call does not.
                 model = f"{work.model}_{name.replace('-', '_')}"
                 management.call("POST", "/models", url=f"{model}.mar", model_name=model, initial_workers=2, synchronous="true")
                 management.wait_ready(model, 2, timeout=120.0)
@@ -309,6 +316,20 @@ def verdicts(table: dict[tuple[str, int], Summary], levels: Sequence[int], syste
     return out
 
 
+def plain_verdicts(table: dict[tuple[str, int], Summary], levels: Sequence[int]) -> list[str]:
+    """On a stock TorchServe, the project's archive against the stock handler: less server CPU per request."""
+    out = []
+    for level in levels:
+        plain, stock = table.get(("plain", level)), table.get(("stock-b1", level))
+        if plain is None or stock is None:
+            continue
+        ok = plain.server_cpu_us < stock.server_cpu_us
+        out.append(f"- {'met' if ok else '**missed**'}: c={level} server CPU {plain.server_cpu_us:,.0f} vs the stock handler's "
+                   f"{stock.server_cpu_us:,.0f} µs/request ({plain.server_cpu_us / stock.server_cpu_us:.2f}x; target < 1), "
+                   f"{plain.rps / stock.rps:.2f}x its req/s")
+    return out
+
+
 def markdown(model: str, table: dict[tuple[str, int], Summary], names: Sequence[str], levels: Sequence[int]) -> str:
     rows = [f"### `{model}`", "",
             "| system | clients | req/s (range) | p50 ms | p90 ms | p99 ms | errors | server CPU µs/req | wrk cores |",
@@ -320,6 +341,9 @@ def markdown(model: str, table: dict[tuple[str, int], Summary], names: Sequence[
                 rows.append(f"| {name} | {level} | {s.rps:,.0f} ({s.rps_low:,.0f}-{s.rps_high:,.0f}) | {s.p50:.2f} | {s.p90:.2f} | {s.p99:.2f} | "
                             f"{s.errors} | {s.server_cpu_us:,.0f} | {s.client_core:.2f} |")
     targets = []
+    plain = plain_verdicts(table, levels)
+    if plain:
+        targets += ["", f"On a plain TorchServe (stock config), the archive's handler vs a stock `BaseHandler` ({model}):", *plain]
     for system in ("project", "project-1ms"):
         found = verdicts(table, levels, system)
         if found:
@@ -395,7 +419,7 @@ def _tables(rows: list[dict]) -> dict[tuple[str, int], Summary]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ts-bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="net,digits", help="comma-separated: net, digits (default: %(default)s)")
     parser.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated, of: " + ", ".join(SYSTEMS))
     parser.add_argument("--levels", default="1,8,32,64", help="concurrent clients (default: %(default)s)")
@@ -439,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
                                             for value in cells.values() for c in value]
             args.out.with_suffix(".json").write_text(json.dumps(recorded, indent=1) + "\n")
     except (ScriptError, subprocess.CalledProcessError) as err:
-        print(f"ts-bench: error: {getattr(err, 'message', err)}", file=sys.stderr)
+        print(f"bench: error: {getattr(err, 'message', err)}", file=sys.stderr)
         return 1
     names, levels = recorded["names"], recorded["levels"]
     results = {model: _tables(rows) for model, rows in recorded["cells"].items()}

@@ -1,4 +1,4 @@
-"""Where one batch's time goes inside a worker (``ts-bench`` runs it before the HTTP part).
+"""Where one batch's time goes inside a worker (``tools.bench`` runs it before the HTTP part).
 
 The archive is loaded the way a worker loads it (``ts.model_loader.TsModelLoader``, TorchServe's
 metrics cache) and fed batches in the worker protocol's form through ``Service.predict``, so the
@@ -76,12 +76,13 @@ def profile_archive(archive: Path, body: bytes, content_type: str, batches: tupl
         finally:
             sys.path.remove(tmp)
         service.set_cl_socket(None)
-        handler = service._entry_point.__self__
+        engine = service._entry_point.__self__.engine  # the archive's TorchServeEntry and its engine
+        handler = engine.handler
         totals: dict[str, float] = defaultdict(float)
         handler.decode = _timed(totals, "decode", handler.decode)
-        handler.inference = _timed(totals, "inference", handler.inference)
+        engine.inference = _timed(totals, "inference", engine.inference)
         handler.encode = _timed(totals, "encode", handler.encode)
-        handler.answers = _timed(totals, "answers", handler.answers)
+        engine.answer = _timed(totals, "answers", engine.answer)
         service._entry_point = _timed(totals, "handle", service._entry_point)
         found = []
         for batch in batches:

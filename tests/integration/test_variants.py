@@ -13,11 +13,8 @@ import torch
 
 from serveready.archiver import ArchiverError, ModelSpec, train
 from serveready.archiver.build import build_measured
-from serveready.archiver.datasets import load_digits_split, make_regression
 from serveready.archiver.spec import Fidelity
-from serveready.handlers.image_classifier import ImageClassifierHandler
-from serveready.handlers.tabular import TabularHandler
-from tests.conftest import VariantBuild, digits_model, handled, make_context, reference_net, unpack
+from tests.conftest import VariantBuild, digits_model, digits_split, handled, net_split, reference_net, served, unpack
 
 EXPECTED = {
     "net": {"int8_dynamic", "float16", "bfloat16", "pruned", "pruned_structured", "distilled", "onnx", "exported"},
@@ -32,37 +29,33 @@ def test_every_variant_of_both_models_builds(variant_builds: dict[str, VariantBu
 
 def _served_net(build: VariantBuild, tmp_path: Path, rows: np.ndarray) -> np.ndarray:
     folder = unpack(build.archive, tmp_path / build.spec.name)
-    handler = TabularHandler()
-    context = make_context(folder, 1)
-    handler.initialize(context)
+    handler, context = served(folder, 1)
     [answer] = handled(handler, [{"body": {"inputs": rows.tolist()}}], context)
     return np.array(answer["predictions"])
 
 
 def test_net_variants_answer_within_their_bound_of_fp32(variant_builds: dict[str, VariantBuild], net_spec: ModelSpec, tmp_path: Path) -> None:
-    cfg = net_spec.training
-    rows = make_regression(cfg.seed, cfg.samples, 10, cfg.holdout, cfg.noise).x_test[:64].numpy()
+    rows = net_split()["x_test"][:64].numpy()
     fp32 = reference_net(net_spec.weights, rows)
     for build in (b for b in variant_builds.values() if b.row["base"] == "net"):
-        served = _served_net(build, tmp_path, rows)
-        assert served.shape == fp32.shape
+        answered = _served_net(build, tmp_path, rows)
+        assert answered.shape == fp32.shape
         bound = build.spec.fidelity.max_abs_diff
-        assert bound is not None and np.abs(served - fp32).max() <= bound, build.spec.name
+        assert bound is not None and np.abs(answered - fp32).max() <= bound, build.spec.name
 
 
 def test_digits_variants_answer_within_their_bound_of_fp32(variant_builds: dict[str, VariantBuild], digits_spec: ModelSpec, tmp_path: Path) -> None:
-    images = load_digits_split(0, 0.2).x_test[:32]
+    images = digits_split()["x_test"][:32]
     with torch.inference_mode():
         fp32 = torch.softmax(digits_model(digits_spec.weights)(images), dim=1).numpy()
     batch = [{"body": {"inputs": (image[0] * 16).tolist(), "k": 10}} for image in images]
     for build in (b for b in variant_builds.values() if b.row["base"] == "digits"):
         folder = unpack(build.archive, tmp_path / build.spec.name)
-        handler, context = ImageClassifierHandler(), make_context(folder, len(batch))
-        handler.initialize(context)
+        handler, context = served(folder, len(batch))
         answers = handled(handler, batch, context)
-        served = np.array([[{p["index"]: p["probability"] for p in a["predictions"]}[i] for i in range(10)] for a in answers])
+        answered = np.array([[{p["index"]: p["probability"] for p in a["predictions"]}[i] for i in range(10)] for a in answers])
         bound = build.spec.fidelity.max_abs_diff
-        assert bound is not None and np.abs(served - fp32).max() <= bound, build.spec.name
+        assert bound is not None and np.abs(answered - fp32).max() <= bound, build.spec.name
 
 
 def test_digits_quantized_and_structured_archives_are_smaller(variant_builds: dict[str, VariantBuild], digits_archive: Path) -> None:
@@ -124,8 +117,7 @@ def test_quantized_models_refuse_explanations_with_501(variant_builds: dict[str,
     from ts.context import RequestProcessor
 
     folder = unpack(variant_builds["net_int8"].archive, tmp_path / "int8")
-    handler, context = TabularHandler(), make_context(folder, 1)
-    handler.initialize(context)
+    handler, context = served(folder, 1)
     context.request_processor = [RequestProcessor({"explain": "True"})]
     [answer] = handled(handler, [{"body": {"inputs": [0.0] * 10}}], context)
     assert answer["code"] == 501 and "explanations need gradients" in answer["message"]
@@ -144,17 +136,15 @@ def test_int8_archives_on_a_gpu_worker_run_on_its_cpu_without_cuda(variant_build
     fp32 = reference_net(net_spec.weights, rows)
     for name in ("net_int8",):
         folder = unpack(variant_builds[name].archive, tmp_path / name)
-        handler, context = TabularHandler(), make_context(folder, 1, gpu=0)
-        handler.initialize(context)
-        assert handler.device == torch.device("cpu")
+        handler, context = served(folder, 1, gpu=0)
+        assert handler.engine.device == torch.device("cpu")
         [answer] = handled(handler, [{"body": {"inputs": rows.tolist()}}], context)
         assert np.abs(np.array(answer["predictions"]) - fp32).max() <= variant_builds[name].spec.fidelity.max_abs_diff
-    image = load_digits_split(0, 0.2).x_test[0]
+    image = digits_split()["x_test"][0]
     for name in ("digits_int8", "digits_int8_static"):
         folder = unpack(variant_builds[name].archive, tmp_path / name)
-        handler, context = ImageClassifierHandler(), make_context(folder, 1, gpu=0)
-        handler.initialize(context)
-        assert handler.device == torch.device("cpu"), name
+        handler, context = served(folder, 1, gpu=0)
+        assert handler.engine.device == torch.device("cpu"), name
         [answer] = handled(handler, [{"body": {"inputs": (image[0] * 16).tolist()}}], context)
         assert len(answer["predictions"]) == 3 and context.get_response_status(0)[0] in (None, 200), name
 
@@ -189,10 +179,9 @@ def test_onnx_on_a_gpu_worker_without_the_cuda_provider_runs_on_the_cpu_and_says
     assert "CUDAExecutionProvider" not in onnxruntime.get_available_providers()
     _no_cuda_from_torch(monkeypatch)
     folder = unpack(variant_builds["net_onnx"].archive, tmp_path / "onnx")
-    handler, context = TabularHandler(), make_context(folder, 1, gpu=0)
-    handler.initialize(context)
-    assert handler.device == torch.device("cpu") and handler.loaded is not None
-    assert handler.loaded.describe() == (
+    handler, context = served(folder, 1, gpu=0)
+    assert handler.engine.device == torch.device("cpu") and handler.engine.loaded is not None
+    assert handler.engine.loaded.describe() == (
         "onnxruntime CPUExecutionProvider on cpu, float32 (GPU 0 left unused: this host's onnxruntime has no CUDAExecutionProvider; "
         "pip install onnxruntime-gpu (in place of onnxruntime) for ONNX on the GPU)")
     rows = np.random.default_rng(7).normal(size=(4, 10)).astype(np.float32)
@@ -221,25 +210,24 @@ def test_onnx_runtime_falling_back_from_the_cuda_provider_is_said(variant_builds
     monkeypatch.setattr(onnxruntime, "InferenceSession", cuda_fails_to_start)
     _no_cuda_from_torch(monkeypatch)
     folder = unpack(variant_builds["digits_onnx"].archive, tmp_path / "onnx")
-    handler, context = ImageClassifierHandler(), make_context(folder, 1, gpu=0)
-    handler.initialize(context)
-    assert handler.loaded is not None and handler.loaded.engine == "onnxruntime CPUExecutionProvider on cpu, float32"
-    assert "CUDAExecutionProvider did not start" in handler.loaded.note
+    handler, context = served(folder, 1, gpu=0)
+    assert handler.engine.loaded is not None and handler.engine.loaded.engine == "onnxruntime CPUExecutionProvider on cpu, float32"
+    assert "CUDAExecutionProvider did not start" in handler.engine.loaded.note
 
 
-def test_a_model_that_cannot_run_where_it_was_put_fails_at_initialize(net_dir: Path) -> None:
+def test_a_model_that_cannot_run_where_it_was_put_fails_at_initialize(net_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Not at its first request: the worker loads, runs a zero batch of sample_shape, and reports the reason."""
-    from serveready.handlers import ModelLoadError
+    from serveready.handlers import ModelLoadError, engine
     from serveready.handlers.loaders import Loaded
 
-    class OnTheWrongDevice(TabularHandler):
-        def load_model(self, model_dir: Path, manifest: dict, device: torch.device) -> Loaded:  # type: ignore[override]
-            def run(batch: torch.Tensor) -> torch.Tensor:
-                raise NotImplementedError("Could not run 'quantized::linear_dynamic' with arguments from the 'CUDA' backend")
-            return Loaded(run, torch.device("cpu"), "torch int8 dynamic on cuda:0")
+    def on_the_wrong_device(*args: object) -> Loaded:
+        def run(batch: torch.Tensor) -> torch.Tensor:
+            raise NotImplementedError("Could not run 'quantized::linear_dynamic' with arguments from the 'CUDA' backend")
+        return Loaded(run, torch.device("cpu"), "torch int8 dynamic on cuda:0")
 
+    monkeypatch.setattr(engine, "load_model", on_the_wrong_device)
     with pytest.raises(ModelLoadError, match="the eager model does not run with torch int8 dynamic on cuda:0: Could not run 'quantized::linear_dynamic'"):
-        OnTheWrongDevice().initialize(make_context(net_dir, 1))
+        served(net_dir, 1)
 
 
 def test_a_loader_failing_with_any_exception_is_a_load_error(variant_builds: dict[str, VariantBuild], tmp_path: Path,
@@ -250,4 +238,4 @@ def test_a_loader_failing_with_any_exception_is_a_load_error(variant_builds: dic
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     folder = unpack(variant_builds["net_exported"].archive, tmp_path / "exported")
     with pytest.raises(ModelLoadError, match="the exported model cannot be loaded on cuda:0: Torch not compiled with CUDA enabled"):
-        TabularHandler().initialize(make_context(folder, 1, gpu=0))
+        served(folder, 1, gpu=0)

@@ -1,7 +1,7 @@
 """The same weights behind LitServe, as its README writes a server (``ts-bench``'s third system).
 
-    python -m serveready.scripts.baselines.litserve_app --kind tabular --model-file models/net.py \\
-        --class Net --weights artifacts/net.pt --port 8000
+    python -m tools.baselines.litserve_app --kind tabular --model-file examples/net/models/net.py \\
+        --class Net --weights examples/net/artifacts/net.pt --port 8000
 
 tabular: POST {"inputs": [10 numbers]} -> {"predictions": [[y]]};
 digits:  POST {"image": "<base64 PNG>"} -> top-3 classes (LitServe decodes JSON bodies only).

@@ -13,10 +13,9 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from serveready.archiver import ArchiverError, ModelSpec
-from serveready.archiver.cli import main as ts_archive
-from serveready.archiver.datasets import load_digits_split
 from serveready.archiver.triton import export
-from tests.conftest import VariantBuild, digits_model, reference_net
+from serveready.scripts.archive import main as ts_archive
+from tests.conftest import VariantBuild, digits_model, digits_split, reference_net
 
 
 def _config(folder: Path) -> model_config_pb2.ModelConfig:
@@ -48,7 +47,7 @@ def test_digits_export_matches_the_fp32_model_and_follows_serve_settings(digits_
     config = _config(folder)
     assert list(config.input[0].dims) == [1, 8, 8] and list(config.output[0].dims) == [10]
     assert config.dynamic_batching.max_queue_delay_microseconds == 5000 and config.instance_group[0].count == 1
-    images = load_digits_split(0, 0.2).x_test[:50]
+    images = digits_split()["x_test"][:50]
     with torch.inference_mode():
         expected = digits_model(digits_spec.weights)(images).numpy()
     np.testing.assert_allclose(_run(folder, images.numpy()), expected, atol=1e-4)
@@ -62,11 +61,11 @@ def test_variants_without_eager_weights_are_refused_with_what_to_do(variant_buil
 def test_the_command_exports_every_model_that_is_no_variant(net_spec: ModelSpec, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import shutil
 
-    from tests.conftest import ROOT
+    from tests.conftest import EXAMPLES
 
-    for part in ("model_configs/net.yaml", "model_configs/net_int8.yaml", "models/net.py"):
+    for part in ("model_configs/net.yaml", "model_configs/net_int8.yaml", "models/net.py", "train.py"):
         (tmp_path / part).parent.mkdir(exist_ok=True)
-        shutil.copy(ROOT / part, tmp_path / part)
+        shutil.copy(EXAMPLES / "net" / part, tmp_path / part)
     (tmp_path / "artifacts").mkdir()
     shutil.copy(net_spec.weights, tmp_path / "artifacts" / "net.pt")
     assert ts_archive(["--configs", str(tmp_path / "model_configs"), "triton", "--out", str(tmp_path / "repo")]) == 0

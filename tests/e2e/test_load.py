@@ -1,0 +1,125 @@
+"""``serveready.load(...).predict(...)`` answers what a TorchServe worker answers, byte for byte, for every archive.
+
+One TorchServe holds all 19 archives of the repo's model store (the trained net and digits and
+every variant of them), each registered alone with one worker and batch size 1, as the requests
+are sent one at a time; the same archives are loaded in-process. Each request (good ones in every
+protocol, and the bad ones a careless client sends) is sent to both; status, content type, reason
+phrase and body must be the same bytes.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+
+import serveready
+from serveready.handlers.host import Model
+from serveready.scripts.client import Management
+from serveready.scripts.runinfo import RunDir, TokenKind
+from tests.conftest import VariantBuild, digits_split, render_digit
+from tests.e2e.conftest import serving
+
+ROWS = np.random.default_rng(21).normal(size=(3, 10)).astype(np.float32)
+INK = (digits_split()["x_test"][:3, 0] * 16).numpy()
+PNG = render_digit(INK[0], (40, 40))
+JPEG = render_digit(INK[1], (64, 64), "JPEG", rgb=True)
+
+
+def _binary_v2(header: dict, payload: bytes) -> tuple[bytes, dict[str, str]]:
+    text = json.dumps(header).encode()
+    return text + payload, {"Inference-Header-Content-Length": str(len(text))}
+
+
+def _v2(data: list, shape: list[int], datatype: str = "FP32") -> bytes:
+    return json.dumps({"id": "7", "inputs": [{"name": "x", "shape": shape, "datatype": datatype, "data": data}]}).encode()
+
+
+def tabular_requests() -> list[tuple[str, bytes, str | None, dict[str, str]]]:
+    row = ROWS[0].tolist()
+    payload = ROWS.astype("<f4").tobytes()
+    binary, headers = _binary_v2({"inputs": [{"name": "x", "shape": [3, 10], "datatype": "FP32", "parameters": {"binary_data_size": len(payload)}}]}, payload)
+    return [
+        ("one row", json.dumps({"inputs": row}).encode(), "application/json", {}),
+        ("rows", json.dumps({"inputs": ROWS.tolist()}).encode(), "application/json; charset=utf-8", {}),
+        ("json as text/plain", json.dumps({"inputs": row}).encode(), "text/plain", {}),
+        ("json without a content type", json.dumps({"inputs": row}).encode(), None, {}),
+        ("a row too short", b'{"inputs": [1, 2, 3]}', "application/json", {}),
+        ("not json", b"{not json", "application/json", {}),
+        ("not utf-8", b'{"inputs": "\xff\xfe"}', "application/octet-stream", {}),
+        ("form-encoded", b'{"inputs": [1,2,3,4,5,6,7,8,9,10]}', "application/x-www-form-urlencoded", {}),
+        ("a JSON list", b"[1, 2, 3]", "application/json", {}),
+        ("a huge integer", b'{"inputs": [' + b"9" * 5000 + b"]}", "application/json", {}),
+        ("kserve v1", json.dumps({"instances": ROWS.tolist()}).encode(), "application/json", {}),
+        ("kserve v1, empty", b'{"instances": []}', "application/json", {}),
+        ("v2 json", _v2(ROWS.flatten().tolist(), [3, 10]), "application/json", {}),
+        ("v2 int8 out of range", _v2([300] + [0] * 9, [1, 10], "INT8"), "application/json", {}),
+        ("v2 binary", binary, "application/octet-stream", headers),
+        ("v2 binary cut short", binary[:-4], "application/octet-stream", headers),
+    ]
+
+
+def image_requests() -> list[tuple[str, bytes, str | None, dict[str, str]]]:
+    b64 = base64.b64encode(PNG).decode()
+    element = struct.pack("<I", len(JPEG)) + JPEG
+    binary, headers = _binary_v2({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "parameters": {"binary_data_size": len(element)}}]}, element)
+    return [
+        ("png", PNG, "image/png", {}),
+        ("jpeg, top 5", JPEG, "image/jpeg", {"X-Top-K": "5"}),
+        ("base64 in json", json.dumps({"image": b64, "k": 2}).encode(), "application/json", {}),
+        ("ink counts", json.dumps({"inputs": INK[2].tolist()}).encode(), "application/json", {}),
+        ("not an image", b"\x00\x01 not an image", "image/png", {}),
+        ("truncated png", PNG[: len(PNG) // 2], "image/png", {}),
+        ("k out of range", json.dumps({"image": b64, "k": 11}).encode(), "application/json", {}),
+        ("kserve v1", json.dumps({"instances": [{"b64": b64}, INK[1].tolist()]}).encode(), "application/json", {}),
+        ("v2 base64 bytes", _v2([b64], [1], "BYTES"), "application/json", {}),
+        ("v2 ink counts", _v2(INK[:2].tolist(), [2, 8, 8]), "application/json", {}),
+        ("v2 binary bytes", binary, "application/octet-stream", headers),
+        ("v2 bad base64", _v2(["not base64!"], [1], "BYTES"), "application/json", {}),
+    ]
+
+
+@pytest.fixture(scope="module")
+def everything(net_archive: Path, digits_archive: Path, variant_builds: dict[str, VariantBuild],
+               tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RunDir, dict[str, Path]]]:
+    archives = {"net": net_archive, "digits": digits_archive, **{name: b.archive for name, b in variant_builds.items()}}
+    with serving(list(archives.values()), tmp_path_factory.mktemp("load")) as run:
+        management = Management.from_run(run)
+        for name in archives:
+            management.register(f"{name}.mar", workers=1, batch_size=1)
+        yield run, archives
+
+
+def _served(run: RunDir, name: str, body: bytes, content_type: str | None, headers: dict[str, str], route: str) -> requests.Response:
+    sent = {"Authorization": f"Bearer {run.token(TokenKind.INFERENCE)}", **headers}
+    if content_type is not None:
+        sent["Content-Type"] = content_type
+    return requests.post(f"{run.inference_url}/{route}/{name}", data=body, headers=sent, timeout=60)
+
+
+def _same(reply: requests.Response, answer: serveready.Answer, what: str) -> None:
+    assert reply.status_code == answer.status, (what, reply.status_code, reply.text[:300], answer)
+    assert reply.headers.get("content-type") == answer.content_type, what
+    assert reply.content == answer.body, (what, reply.content[:300], answer.body[:300])
+    if answer.status != 200:
+        assert reply.reason == answer.reason, what
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (Path(__file__).resolve().parents[2] / "model_configs").glob("*.yaml")))
+def test_load_answers_what_torchserve_answers(name: str, everything: tuple[RunDir, dict[str, Path]], tmp_path: Path) -> None:
+    run, archives = everything
+    with serveready.load(archives[name], into=tmp_path / "unpacked") as model:
+        assert isinstance(model, Model) and model.name == name
+        corpus = tabular_requests() if name.startswith("net") else image_requests()
+        for what, body, content_type, headers in corpus:
+            _same(_served(run, name, body, content_type, headers, "predictions"), model.predict(body, content_type, headers), what)
+        what, body, content_type, headers = corpus[0]
+        _same(_served(run, name, body, content_type, headers, "explanations"), model.explain(body, content_type, headers), f"explain {what}")
+        batch = model.predict_batch([(body, content_type, headers) for _, body, content_type, headers in corpus[:4]])
+        assert [a.status for a in batch] == [model.predict(b, c, h).status for _, b, c, h in corpus[:4]]
