@@ -51,9 +51,11 @@ class BatchStats:
     def add(self, other: BatchStats) -> None:
         self.batches += other.batches
         self.rows += other.rows
+        stage_ms = self.stage_ms
         for stage, ms in other.stage_ms.items():
-            self.stage_ms[stage] = self.stage_ms.get(stage, 0.0) + ms
-        self.refused.update(other.refused)
+            stage_ms[stage] = stage_ms.get(stage, 0.0) + ms
+        if other.refused:  # Counter.update is slow even when empty, and most batches refuse nothing
+            self.refused.update(other.refused)
 
     def as_dict(self) -> dict[str, Any]:
         """The totals by their Prometheus names (``refused`` keyed ``"status error"``)."""
