@@ -47,7 +47,8 @@ class ServerConfig:
     grpc_inference_port: int = 7070
     grpc_management_port: int = 7071
     gpus: int = 0
-    token_expiration_min: int = 60
+    # minutes; TorchServe reads a fraction too (0.25: 15 s)
+    token_expiration_min: float = 60
     # the management API's register/unregister calls (off: TorchServe answers them 405)
     model_api: bool = True
     # the Open Inference Protocol's health and server-metadata routes (/v2/health/live, /v2/health/ready)
@@ -80,7 +81,7 @@ class ServerConfig:
             "model_store": str(store),
             "enable_model_api": str(self.model_api).lower(),
             "disable_token_authorization": "false",
-            "token_expiration_min": str(self.token_expiration_min),
+            "token_expiration_min": f"{self.token_expiration_min:g}",
             "allowed_urls": allowed,
             "number_of_gpu": str(self.gpus),
             "default_workers_per_model": "1",
@@ -286,7 +287,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--grpc-inference-port", type=int, default=_port("TS_GRPC_INFERENCE_PORT", 7070), help="(default: %(default)s, env TS_GRPC_INFERENCE_PORT)")
     s.add_argument("--grpc-management-port", type=int, default=_port("TS_GRPC_MANAGEMENT_PORT", 7071), help="(default: %(default)s, env TS_GRPC_MANAGEMENT_PORT)")
     s.add_argument("--gpus", type=int, default=None, help="GPUs TorchServe may use (default: all torch sees)")
-    s.add_argument("--token-expiration-min", type=int, default=60, help="lifetime of the API keys (default: %(default)s)")
+    s.add_argument("--token-expiration-min", type=float, default=60, help="lifetime of the API keys in minutes, fractions too (default: %(default)g)")
     s.add_argument("--max-request-size", type=int, default=8 * 2**20, help="bytes; larger requests get 413 (default: %(default)s)")
     s.add_argument("--max-response-size", type=int, default=8 * 2**20, help="bytes a worker may answer (default: %(default)s)")
     s.add_argument("--job-queue-size", type=int, default=DEFAULT_JOB_QUEUE_SIZE,

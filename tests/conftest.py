@@ -96,19 +96,29 @@ def repack(archive: Path, target: Path, change: Callable[[dict[str, bytes]], Non
     return target
 
 
-@pytest.fixture(scope="session")
-def net_spec(tmp_path_factory: pytest.TempPathFactory) -> ModelSpec:
-    return trained("net", tmp_path_factory)
+def model_fixtures(name: str, make: Callable[[str, pytest.TempPathFactory], ModelSpec]) -> tuple[Any, Any, Any]:
+    """The session fixtures ``<name>_spec`` (``make(name, ...)``), ``<name>_archive`` (built) and ``<name>_dir`` (unpacked).
+
+    A tier that makes its specs otherwise (tests/unit: untrained) declares all three again: pytest caches a
+    session fixture once, whichever spec it was first built from.
+    """
+
+    @pytest.fixture(scope="session", name=f"{name}_spec")
+    def spec(tmp_path_factory: pytest.TempPathFactory) -> ModelSpec:
+        return make(name, tmp_path_factory)
+
+    @pytest.fixture(scope="session", name=f"{name}_archive")
+    def archive(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+        return build(request.getfixturevalue(f"{name}_spec"), tmp_path_factory.mktemp("store"))
+
+    @pytest.fixture(scope="session", name=f"{name}_dir")
+    def folder(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+        return unpack(request.getfixturevalue(f"{name}_archive"), tmp_path_factory.mktemp("unpacked"))
+
+    return spec, archive, folder
 
 
-@pytest.fixture(scope="session")
-def net_archive(net_spec: ModelSpec, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build(net_spec, tmp_path_factory.mktemp("store"))
-
-
-@pytest.fixture(scope="session")
-def net_dir(net_archive: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return unpack(net_archive, tmp_path_factory.mktemp("unpacked"))
+net_spec, net_archive, net_dir = model_fixtures("net", trained)
 
 
 def served(model_dir: Path, batch: int = 1, gpu: int | None = None, handler_class: type | None = None) -> tuple[TorchServeEntry, Context]:
@@ -169,19 +179,7 @@ def make_context(model_dir: Path, batch: int, gpu: int | None = None) -> Context
     return context
 
 
-@pytest.fixture(scope="session")
-def digits_spec(tmp_path_factory: pytest.TempPathFactory) -> ModelSpec:
-    return trained("digits", tmp_path_factory)
-
-
-@pytest.fixture(scope="session")
-def digits_archive(digits_spec: ModelSpec, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build(digits_spec, tmp_path_factory.mktemp("store"))
-
-
-@pytest.fixture(scope="session")
-def digits_dir(digits_archive: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return unpack(digits_archive, tmp_path_factory.mktemp("unpacked"))
+digits_spec, digits_archive, digits_dir = model_fixtures("digits", trained)
 
 
 def render_digit(

@@ -59,8 +59,9 @@ def serving(archives: list[Path], base: Path, torchserve: str | None = None) -> 
         stop(run.path)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def server(net_archive: Path, digits_archive: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunDir]:
+    """One TorchServe for the modules that register their own names on it (test_serve, test_digits)."""
     with serving([net_archive, digits_archive], tmp_path_factory.mktemp("server")) as run:
         yield run
 
@@ -82,6 +83,6 @@ class Api:
         return requests.post(f"{self.run.inference_url}/{endpoint}/{model}", data=payload, headers=headers, timeout=60)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def api(server: RunDir) -> Api:
     return Api(server)

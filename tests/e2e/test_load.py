@@ -1,10 +1,11 @@
-"""``serveready.load(...).predict(...)`` answers what a TorchServe worker answers, byte for byte, for every archive.
+"""Every archive of the repo's model store served side by side by one real TorchServe: within its fidelity
+bound of the fp32 model, and ``serveready.load(...).predict(...)`` answering what the worker answers, byte for byte.
 
-One TorchServe holds all 19 archives of the repo's model store (the trained net and digits and
-every variant of them), each registered alone with one worker and batch size 1, as the requests
-are sent one at a time; the same archives are loaded in-process. Each request (good ones in every
-protocol, and the bad ones a careless client sends) is sent to both; status, content type, reason
-phrase and body must be the same bytes.
+One TorchServe holds all 19 archives (the trained net and digits and every variant of them), each
+registered with one worker and batch size 1, as the requests are sent one at a time; the same
+archives are loaded in-process. Each request (good ones in every protocol, and the bad ones a
+careless client sends) is sent to both; status, content type, reason phrase and body must be the
+same bytes.
 """
 
 from __future__ import annotations
@@ -18,12 +19,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
+import torch
 
 import serveready
 from serveready.handlers.host import Model
 from serveready.scripts.client import Management
 from serveready.scripts.runinfo import RunDir, TokenKind
-from tests.conftest import VariantBuild, digits_split, render_digit
+from tests.conftest import VariantBuild, digits_model, digits_split, reference_net, render_digit
 from tests.e2e.conftest import serving
 
 ROWS = np.random.default_rng(21).normal(size=(3, 10)).astype(np.float32)
@@ -85,6 +87,11 @@ def image_requests() -> list[tuple[str, bytes, str | None, dict[str, str]]]:
     ]
 
 
+#: the requests of the corpora that must be refused (400); every other one is answered (200)
+REFUSED = {"a row too short", "not json", "not utf-8", "form-encoded", "a JSON list", "a huge integer", "kserve v1, empty",
+           "v2 int8 out of range", "v2 binary cut short", "not an image", "truncated png", "k out of range", "v2 bad base64"}
+
+
 @pytest.fixture(scope="module")
 def everything(net_archive: Path, digits_archive: Path, variant_builds: dict[str, VariantBuild],
                tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RunDir, dict[str, Path]]]:
@@ -118,8 +125,37 @@ def test_load_answers_what_torchserve_answers(name: str, everything: tuple[RunDi
         assert isinstance(model, Model) and model.name == name
         corpus = tabular_requests() if name.startswith("net") else image_requests()
         for what, body, content_type, headers in corpus:
-            _same(_served(run, name, body, content_type, headers, "predictions"), model.predict(body, content_type, headers), what)
+            answer = model.predict(body, content_type, headers)
+            _same(_served(run, name, body, content_type, headers, "predictions"), answer, what)
+            assert answer.status == (400 if what in REFUSED else 200), (what, answer)
         what, body, content_type, headers = corpus[0]
         _same(_served(run, name, body, content_type, headers, "explanations"), model.explain(body, content_type, headers), f"explain {what}")
         batch = model.predict_batch([(body, content_type, headers) for _, body, content_type, headers in corpus[:4]])
         assert [a.status for a in batch] == [model.predict(b, c, h).status for _, b, c, h in corpus[:4]]
+
+
+VARIANTS = sorted(p.stem for p in (Path(__file__).resolve().parents[2] / "model_configs").glob("*_*.yaml"))
+FIDELITY_ROWS = np.random.default_rng(7).normal(size=(16, 10)).astype(np.float32)
+FIDELITY_IMAGES = digits_split()["x_test"][:8]
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_variant_serves_within_its_bound(name: str, variant_builds: dict[str, VariantBuild], everything: tuple[RunDir, dict[str, Path]],
+                                         net_spec, digits_spec) -> None:  # noqa: ANN001
+    """The same request to the variant and to its fp32 model computed here: within the variant's max_abs_diff."""
+    run, _ = everything
+    build = variant_builds[name]
+    bound = build.spec.fidelity.max_abs_diff
+    assert bound is not None, f"{name}.yaml sets no fidelity.max_abs_diff: nothing to hold it to"
+    if build.row["base"] == "net":
+        reply = _served(run, name, json.dumps({"inputs": FIDELITY_ROWS.tolist()}).encode(), "application/json", {}, "predictions")
+        assert reply.status_code == 200, reply.text
+        assert np.abs(np.array(reply.json()["predictions"]) - reference_net(net_spec.weights, FIDELITY_ROWS)).max() <= bound
+    else:
+        with torch.inference_mode():
+            fp32 = torch.softmax(digits_model(digits_spec.weights)(FIDELITY_IMAGES), dim=1).numpy()
+        for image, expected in zip(FIDELITY_IMAGES, fp32, strict=True):
+            reply = _served(run, name, json.dumps({"inputs": (image[0] * 16).tolist(), "k": 10}).encode(), "application/json", {}, "predictions")
+            assert reply.status_code == 200, reply.text
+            answered = {p["index"]: p["probability"] for p in reply.json()["predictions"]}
+            assert np.abs(np.array([answered[i] for i in range(10)]) - expected).max() <= bound
