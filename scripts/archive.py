@@ -12,6 +12,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from serveready.archiver.build import build_all
 from serveready.archiver.scaffold import INPUTS, init_config, parse_kwargs
@@ -27,18 +28,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ts-archive", description="Write model configs, train models and pack them into TorchServe archives.")
     parser.add_argument("--configs", type=Path, default=Path("model_configs"), help="folder of model YAML files (default: %(default)s)")
     sub = parser.add_subparsers(dest="command", required=True)
-    i = sub.add_parser("init", help="write a commented starter config for a model of yours")
-    i.add_argument("name", help="model name (letters, digits, _ - .)")
-    i.add_argument("--model-file", type=Path, required=True, help="the Python file with the model class")
-    i.add_argument("--class", dest="class_name", required=True, help="the torch.nn.Module subclass in it")
-    i.add_argument("--input", choices=list(INPUTS), required=True, help="what a request carries: rows of numbers, or an image")
-    i.add_argument("--sample-shape", type=int, nargs="+", help="a batch's shape, e.g. 2 30 or 2 3 224 224 (tabular: inferred from the first Linear)")
-    i.add_argument("--kwarg", action="append", default=[], help="a keyword argument of the class, name=value (repeatable)")
-    i.add_argument("--weights", type=Path, help="the state_dict file (default: artifacts/NAME.pt)")
-    i.add_argument("--data", type=Path, help="held-out data: a torch.save'd dict with x_test, y_test (optionally x_train, y_train)")
-    i.add_argument("--task", choices=["classification", "regression"], help="what --data's y holds (default: classification)")
-    i.add_argument("--classes-file", type=Path, help="image classifiers: class names (JSON or one per line)")
-    i.add_argument("--force", action="store_true", help="overwrite an existing config")
+    _init_options(sub)
     t = sub.add_parser("train", help="train models with their training: hook and derive variants' weights files")
     t.add_argument("names", nargs="*", help="model names (default: all)")
     t.add_argument("--if-stale", action="store_true", help="skip weights newer than everything they are made from")
@@ -58,6 +48,30 @@ def _parser() -> argparse.ArgumentParser:
     x = sub.add_parser("triton", help="export models as a Triton model repository (<out>/<name>/config.pbtxt, 1/model.onnx)")
     x.add_argument("names", nargs="*", help="model names (default: every fp32 config)")
     x.add_argument("--out", type=Path, default=Path("triton_repository"), help="the repository folder (default: %(default)s)")
+    _kserve_options(sub)
+    _tune_options(sub)
+    return parser
+
+
+
+
+def _init_options(sub: Any) -> None:
+    """``ts-archive init``."""
+    i = sub.add_parser("init", help="write a commented starter config for a model of yours")
+    i.add_argument("name", help="model name (letters, digits, _ - .)")
+    i.add_argument("--model-file", type=Path, required=True, help="the Python file with the model class")
+    i.add_argument("--class", dest="class_name", required=True, help="the torch.nn.Module subclass in it")
+    i.add_argument("--input", choices=list(INPUTS), required=True, help="what a request carries: rows of numbers, or an image")
+    i.add_argument("--sample-shape", type=int, nargs="+", help="a batch's shape, e.g. 2 30 or 2 3 224 224 (tabular: inferred from the first Linear)")
+    i.add_argument("--kwarg", action="append", default=[], help="a keyword argument of the class, name=value (repeatable)")
+    i.add_argument("--weights", type=Path, help="the state_dict file (default: artifacts/NAME.pt)")
+    i.add_argument("--data", type=Path, help="held-out data: a torch.save'd dict with x_test, y_test (optionally x_train, y_train)")
+    i.add_argument("--task", choices=["classification", "regression"], help="what --data's y holds (default: classification)")
+    i.add_argument("--classes-file", type=Path, help="image classifiers: class names (JSON or one per line)")
+    i.add_argument("--force", action="store_true", help="overwrite an existing config")
+
+def _kserve_options(sub: Any) -> None:
+    """``ts-archive kserve``."""
     e = sub.add_parser("kserve", help="write KServe storage trees (config/, model-store/) and InferenceService manifests")
     e.add_argument("names", nargs="*", help="model names (default: every model that is no variant)")
     e.add_argument("--store", type=Path, default=Path("model_store"), help="where the built archives are (default: %(default)s)")
@@ -71,6 +85,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--max-replicas", type=int, default=1)
     e.add_argument("--canary", type=int, help="canaryTrafficPercent for a rollout of a new revision")
     e.add_argument("--namespace", help="metadata.namespace of the manifests")
+
+def _tune_options(sub: Any) -> None:
+    """``ts-archive tune``."""
     u = sub.add_parser("tune", help="measure workers x batch x delay x threads on a real TorchServe and write the best into serve:")
     u.add_argument("name", help="model name (its archive must be built)")
     u.add_argument("--store", type=Path, default=Path("model_store"), help="where NAME.mar is (default: %(default)s)")
@@ -93,8 +110,6 @@ def _parser() -> argparse.ArgumentParser:
     u.add_argument("--out", type=Path, default=Path("docs/tuning"), help="NAME.md, NAME.png and NAME.json go here (default: %(default)s)")
     u.add_argument("--dry-run", action="store_true", help="measure and report, leave the config alone")
     u.add_argument("--from-json", type=Path, help="pick again from a previous run's NAME.json instead of measuring")
-    return parser
-
 
 def _ints(text: str) -> tuple[int, ...]:
     try:

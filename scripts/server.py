@@ -24,7 +24,7 @@ from pathlib import Path
 
 import requests
 
-from serveready.handlers.archive import DEFAULT_JOB_QUEUE_SIZE
+from serveready.handlers.archive import DEFAULT_JOB_QUEUE_SIZE, Archive
 from serveready.handlers.errors import ServereadyError
 
 from .client import Management, fresh_key
@@ -235,10 +235,6 @@ def info(run_dir: Path) -> str:
         models = [m["modelName"] for m in Management.from_run(run).models().get("models", [])]
     except (ScriptError, AttributeError, KeyError, TypeError):
         models = []
-    examples = {
-        "net": f"curl {auth}-H 'Content-Type: application/json' -d '{{\"inputs\": [{', '.join(['0.5'] * 10)}]}}' {url}/predictions/net",
-        "digits": f"curl {auth}-H 'Content-Type: image/png' --data-binary @docs/images/digit.png {url}/predictions/digits",
-    }
     lines = [
         f"inference API:  {url}   management API: {run.management_url}",
         f"keys (expire after token_expiration_min): {run.key_file}",
@@ -246,11 +242,42 @@ def info(run_dir: Path) -> str:
         "try:",
         f"  curl {auth}{url}/ping",
     ]
-    shown = [m for m in examples if m in models] or models[:3]
-    lines += [f"  {examples.get(m) or f'curl {auth}-H {chr(39)}Content-Type: application/json{chr(39)} -d @request.json {url}/predictions/{m}'}" for m in shown]
-    if "digits" in models:
-        lines.append(f"  {os.path.relpath(Path(sys.executable).parent / 'ts-explain')} docs/images/digit.png      # writes docs/images/digit.explanation.png")
+    kinds = {m: _input_kind(run.model_store / f"{m}.mar") for m in models}
+    # One model of each kind, the shortest name first (net before net_int8): what a first curl needs.
+    shown = [min(found, key=len) for kind in ("rows", "image") if (found := [m for m, k in kinds.items() if k == kind])] or models[:3]
+    image = "docs/images/digit.png" if Path("docs/images/digit.png").is_file() else "image.png"
+    for m in shown:
+        kind = kinds.get(m)
+        if kind == "rows":
+            width = _row_width(run.model_store / f"{m}.mar")
+            lines.append(f"  curl {auth}-H 'Content-Type: application/json' -d '{{\"inputs\": [{', '.join(['0.5'] * width)}]}}' {url}/predictions/{m}")
+        elif kind == "image":
+            lines.append(f"  curl {auth}-H 'Content-Type: image/png' --data-binary @{image} {url}/predictions/{m}")
+        else:
+            lines.append(f"  curl {auth}-H 'Content-Type: application/json' -d @request.json {url}/predictions/{m}")
+    explained = [m for m in shown if kinds.get(m) == "image"]
+    if explained:
+        heatmap = Path(image).with_name(f"{Path(image).stem}.explanation.png")
+        lines.append(f"  {os.path.relpath(Path(sys.executable).parent / 'ts-explain')} {image} --model {explained[0]}      # writes {heatmap}")
     return "\n".join(lines)
+
+
+def _model_shape(archive: Path) -> list[int]:
+    try:
+        return list(((Archive(archive).config.get("model") or {}).get("sample_shape")) or [])
+    except ServereadyError:  # an archive not in the store (registered from elsewhere) or unreadable: no example
+        return []
+
+
+def _input_kind(archive: Path) -> str:
+    """What a request to the archive's model carries, as far as its model-config tells: rows, an image, or other."""
+    shape = _model_shape(archive)
+    return "rows" if len(shape) == 2 else "image" if len(shape) == 4 and shape[1] in (1, 3) else "other"
+
+
+def _row_width(archive: Path) -> int:
+    shape = _model_shape(archive)
+    return int(shape[-1]) if shape else 1
 
 
 def isolated(run_dir: Path, model_store: Path, gpus: int = 0) -> ServerConfig:

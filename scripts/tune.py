@@ -39,7 +39,7 @@ from serveready.handlers.runtime import machine
 
 from .client import Management
 from .loadgen import Load, run_wrk, wrk_path
-from .runinfo import ScriptError, TokenKind
+from .runinfo import RunDir, ScriptError, TokenKind
 from .server import isolated, start, stop
 
 Progress = Callable[[str], None]
@@ -61,65 +61,82 @@ def sweep(archive: Path, body: bytes, content_type: str, grid: Sequence[Candidat
         except ScriptError as err:
             raise ScriptError(f"could not start TorchServe for tuning: {err.message}") from None
         try:
-            management = Management.from_run(run)
-            token = run.token(TokenKind.INFERENCE)
-
-            def register(c: Candidate) -> Load:
-                management.register(f"tune_t{c.threads}.mar", name=_model_name(c), workers=c.workers, batch_size=c.batch_size, max_batch_delay=c.max_batch_delay)
-                return Load(f"{run.inference_url}/predictions/{_model_name(c)}", request, content_type, token)
-
-            def unregister(name: str) -> None:
-                try:
-                    management.unregister(name)
-                except ScriptError as err:  # it stays registered, idle, under a name no later candidate uses
-                    progress(f"  (could not unregister {name}: {err.message})")
-
-            def point(load: Load, level: int, seconds: float) -> Point:
-                r = run_wrk(load, level, seconds)
-                return Point(level, round(r.rps, 1), round(r.p50_ms, 3), round(r.p99_ms, 3), r.errors)
-
-            # Stage 1: one candidate at a time, at the lowest and highest concurrency.
-            screen_levels = tuple(sorted({min(plan.levels), max(plan.levels)}))
-            screened = []
-            for i, c in enumerate(grid, 1):
-                load = register(c)
-                try:
-                    run_wrk(load, max(screen_levels), plan.warmup_seconds if i == 1 else 1)  # not measured
-                    m = Measurement(c, tuple(point(load, level, plan.screen_seconds) for level in screen_levels))
-                finally:
-                    unregister(_model_name(c))
-                screened.append(m)
-                progress(f"[screen {i}/{len(grid)}] {c.label}: " + ", ".join(f"c={p.concurrency} {p.rps:,.0f}/s p99 {p.p99_ms:.1f} ms" for p in m.points))
+            bench = _Bench(run, request, content_type, progress)
+            screened = _screen(bench, grid, plan, progress)
             # Finalists: the best that pass the lone-client check at screening, plus the best that
             # does not (measured beside them, it shows what waiting for a batch would buy).
             passing = lone_ok(screened, plan.lone_slowdown)
             best = sorted(passing, key=lambda m: -m.score)[: plan.keep]
             waiting = sorted((m for m in screened if m not in passing), key=lambda m: -m.score)[:1]
             finalists = [m.candidate for m in best + waiting]
-            # Stage 2: the finalists side by side, every level, interleaved and repeated; medians.
-            loads = {c: register(c) for c in finalists}
-            try:
-                for load in loads.values():
-                    run_wrk(load, max(plan.levels), 1)
-                samples: dict[tuple[Candidate, int], list[Point]] = {}
-                total, done = plan.repeats * len(plan.levels) * len(finalists), 0
-                for rep in range(plan.repeats):
-                    order = finalists[rep % len(finalists):] + finalists[:rep % len(finalists)]
-                    for level in plan.levels:
-                        for c in order:
-                            sample = point(loads[c], level, plan.seconds)
-                            samples.setdefault((c, level), []).append(sample)
-                            done += 1
-                            progress(f"[measure {done}/{total}] {c.label}: c={level} {sample.rps:,.0f}/s p50 {sample.p50_ms:.2f} p99 {sample.p99_ms:.1f} ms")
-            finally:
-                for c in loads:
-                    unregister(_model_name(c))
-            measured = [Measurement(c, tuple(median(samples[(c, level)]) for level in plan.levels)) for c in finalists]
-            return measured + [m for m in screened if m.candidate not in finalists]
+            return _final(bench, finalists, plan, progress) + [m for m in screened if m.candidate not in finalists]
         except ScriptError as err:
             raise ScriptError(f"tuning failed: {err.message}") from None
         finally:
             stop(run.path)
+
+
+class _Bench:
+    """The tuning server: candidates registered under names of their own, and wrk points against them."""
+
+    def __init__(self, run: RunDir, request: Path, content_type: str, progress: Progress) -> None:
+        self.run, self.request, self.content_type, self.progress = run, request, content_type, progress
+        self.management = Management.from_run(run)
+        self.token = run.token(TokenKind.INFERENCE)
+
+    def register(self, c: Candidate) -> Load:
+        self.management.register(f"tune_t{c.threads}.mar", name=_model_name(c), workers=c.workers, batch_size=c.batch_size,
+                                 max_batch_delay=c.max_batch_delay)
+        return Load(f"{self.run.inference_url}/predictions/{_model_name(c)}", self.request, self.content_type, self.token)
+
+    def unregister(self, c: Candidate) -> None:
+        try:
+            self.management.unregister(_model_name(c))
+        except ScriptError as err:  # it stays registered, idle, under a name no later candidate uses
+            self.progress(f"  (could not unregister {_model_name(c)}: {err.message})")
+
+    @staticmethod
+    def point(load: Load, level: int, seconds: float) -> Point:
+        r = run_wrk(load, level, seconds)
+        return Point(level, round(r.rps, 1), round(r.p50_ms, 3), round(r.p99_ms, 3), r.errors)
+
+
+def _screen(bench: _Bench, grid: Sequence[Candidate], plan: SweepPlan, progress: Progress) -> list[Measurement]:
+    """Stage 1: one candidate at a time, at the lowest and highest concurrency."""
+    levels = tuple(sorted({min(plan.levels), max(plan.levels)}))
+    screened = []
+    for i, c in enumerate(grid, 1):
+        load = bench.register(c)
+        try:
+            run_wrk(load, max(levels), plan.warmup_seconds if i == 1 else 1)  # not measured
+            m = Measurement(c, tuple(bench.point(load, level, plan.screen_seconds) for level in levels))
+        finally:
+            bench.unregister(c)
+        screened.append(m)
+        progress(f"[screen {i}/{len(grid)}] {c.label}: " + ", ".join(f"c={p.concurrency} {p.rps:,.0f}/s p99 {p.p99_ms:.1f} ms" for p in m.points))
+    return screened
+
+
+def _final(bench: _Bench, finalists: list[Candidate], plan: SweepPlan, progress: Progress) -> list[Measurement]:
+    """Stage 2: the finalists side by side, every level, interleaved and repeated; medians."""
+    loads = {c: bench.register(c) for c in finalists}
+    try:
+        for load in loads.values():
+            run_wrk(load, max(plan.levels), 1)
+        samples: dict[tuple[Candidate, int], list[Point]] = {}
+        total, done = plan.repeats * len(plan.levels) * len(finalists), 0
+        for rep in range(plan.repeats):
+            order = finalists[rep % len(finalists):] + finalists[:rep % len(finalists)]
+            for level in plan.levels:
+                for c in order:
+                    sample = bench.point(loads[c], level, plan.seconds)
+                    samples.setdefault((c, level), []).append(sample)
+                    done += 1
+                    progress(f"[measure {done}/{total}] {c.label}: c={level} {sample.rps:,.0f}/s p50 {sample.p50_ms:.2f} p99 {sample.p99_ms:.1f} ms")
+    finally:
+        for c in loads:
+            bench.unregister(c)
+    return [Measurement(c, tuple(median(samples[(c, level)]) for level in plan.levels)) for c in finalists]
 
 
 def _model_name(c: Candidate) -> str:

@@ -95,7 +95,7 @@ def test_top_k_from_a_request_header(digits: RunDir) -> None:
 def test_explanation_endpoint_and_heatmap_command(digits: RunDir, tmp_path: Path) -> None:
     picture = tmp_path / "digit.png"
     picture.write_bytes(render_digit(INK[4], (80, 80)))
-    assert explain.main(["--run-dir", str(digits.path), str(picture)]) == 0
+    assert explain.main(["--run-dir", str(digits.path), str(picture), "--model", "digits"]) == 0
     result = explain.explain(digits, "digits", picture)
     assert np.array(result["attributions"]).shape == (8, 8) and np.array(result["input"]).shape == (8, 8)
     with Image.open(explain.heatmap_path(picture)) as heatmap:

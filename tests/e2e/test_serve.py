@@ -269,3 +269,18 @@ def test_delay_zero_pairs_only_what_is_queued(registered: RunDir, api: Api, weig
             np.testing.assert_allclose(reply.json()["predictions"], reference_net(weights, r), rtol=1e-5, atol=1e-5)
     finally:
         Management.from_run(registered).unregister("net_d0")
+
+
+def test_info_prints_curl_lines_that_work(registered: RunDir) -> None:
+    """`ts-server info` (what `make serve` ends with): a curl line per kind of model, made from the archive's sample shape."""
+    import shlex
+
+    done = subprocess.run([str(Path(sys.executable).parent / "ts-server"), "--run-dir", str(registered.path), "info"], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    [line] = [line.strip() for line in done.stdout.splitlines() if line.strip().startswith("curl") and line.strip().endswith("/predictions/net")]
+    assert '{"inputs": [' + ", ".join(["0.5"] * 10) + "]}" in line
+    words = shlex.split(line)
+    headers = dict(words[i + 1].split(": ", 1) for i, w in enumerate(words) if w == "-H")
+    reply = requests.post(words[-1], data=words[words.index("-d") + 1], headers=headers, timeout=30)
+    assert reply.status_code == 200 and len(reply.json()["predictions"]) == 1
