@@ -1,6 +1,6 @@
 """Ask TorchServe why a model chose a class, and save the answer as a heat-map PNG.
 
-    ts-explain image.png [more.png ...] --model NAME [--run-dir run/default]
+    ts-explain image.png [more.png ...] [--model digits] [--run-dir run/default]
 
 Posts each image to ``/explanations/<model>`` (Integrated Gradients, computed by
 the handler) and writes ``<image>.explanation.png`` next to it: the image, the
@@ -90,7 +90,7 @@ def save_heatmap(image: Path, result: dict[str, Any], out: Path) -> Path:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ts-explain", description="Save a heat-map of why the model chose its class.")
     parser.add_argument("images", nargs="+", type=Path, help="PNG or JPEG files")
-    parser.add_argument("--model", required=True, help="the registered image classifier to ask")
+    parser.add_argument("--model", default="digits", help="the registered image classifier to ask (default: %(default)s, as in 0.2)")
     parser.add_argument("--run-dir", type=Path, default=Path(os.environ.get("TS_RUN_DIR", "run/default")), help="the server's folder (default: %(default)s)")
     return parser
 
