@@ -133,3 +133,27 @@ def test_the_plain_host_answers_like_the_model_in_process(served: RunDir, folder
     assert quantized.status_code == 200 and np.array(quantized.json()["predictions"]).shape == expected.shape
     bad = api.predict("bc", json.dumps({"inputs": rows[0, :29].tolist()}))
     assert (bad.status_code, bad.json()["message"]) == (400, "row 0 has 29 values, expected 30")
+
+
+#: The README's in-process lines, run in the fresh virtualenv (one request on stdin, the answer's bytes on stdout).
+IN_PROCESS = """
+import sys
+import serveready
+with serveready.load("model_store/bc.mar") as model:
+    answer = model.predict(sys.stdin.buffer.read(), content_type="application/json")
+sys.stdout.write(f"{answer.status} {answer.content_type}\\n")
+sys.stdout.flush()
+sys.stdout.buffer.write(answer.body)
+"""
+
+
+def test_load_in_the_wheels_venv_answers_as_the_plain_host(venv: Path, served: RunDir, folder: Path) -> None:
+    """The README's serveready.load snippet: the same bytes as the plain TorchServe host, for a good and a bad request."""
+    rows = torch.load(folder / "data" / "bc.pt", weights_only=True)["x_test"]
+    for body in (json.dumps({"inputs": rows[0].tolist()}), json.dumps({"inputs": rows[0, :29].tolist()})):
+        done = subprocess.run([str(venv / "bin" / "python"), "-c", IN_PROCESS], cwd=folder, input=body.encode(), capture_output=True, timeout=120)
+        assert done.returncode == 0, done.stderr.decode()[-2000:]
+        head, _, answer = done.stdout.partition(b"\n")
+        reply = Api(served).predict("bc", body)
+        assert head.decode() == f"{reply.status_code} application/json" and answer == reply.content
+    assert "serveready.load(\"model_store/bc.mar\")" in (ROOT / "README.md").read_text()
