@@ -108,3 +108,36 @@ def test_tabular_answers_any_request_with_a_prediction_or_a_4xx(tabular: tuple[A
 @given(body=bodies)
 def test_digits_answer_any_request_with_a_prediction_or_a_4xx(digits: tuple[Any, Any], body: Any) -> None:
     _check_batch(*digits, body, {"inputs": [[0] * 8] * 8})
+
+
+content_types = st.sampled_from([None, "application/json", "application/json; charset=utf-8", "text/plain", "image/png", "image/jpeg",
+                                 "application/octet-stream", "application/x-www-form-urlencoded", "multipart/form-data; boundary=X",
+                                 "APPLICATION/JSON", ""])
+headers = st.dictionaries(st.sampled_from(["X-Top-K", "Inference-Header-Content-Length", "explain", "Content-Type"]),
+                          st.text(max_size=8) | st.integers(-5, 500).map(str), max_size=3)
+raw_bodies = bodies.map(lambda b: b if isinstance(b, (bytes, bytearray)) else json.dumps(b).encode())
+
+
+@pytest.fixture(scope="module")
+def loaded(net_archive: Path, digits_archive: Path) -> Any:
+    import serveready
+
+    models = [serveready.load(net_archive, threads=0), serveready.load(digits_archive, threads=0)]
+    yield models
+    for model in models:
+        model.close()
+
+
+@FUZZ
+@given(body=raw_bodies, content_type=content_types, sent=headers, which=st.integers(0, 1))
+def test_in_process_any_request_gets_an_answer_or_a_4xx(loaded: Any, body: bytes, content_type: str | None, sent: dict, which: int) -> None:
+    """serveready.load as a careless or hostile client meets it: any bytes, content type and headers."""
+    model = loaded[which]
+    good = {"inputs": [0.1] * 10} if which == 0 else {"inputs": [[0] * 8] * 8}
+    answer, other = model.predict_batch([(body, content_type, sent), (good, None)])
+    assert answer.status == 200 or 400 <= answer.status < 500, (answer, body[:80])
+    if answer.status != 200:
+        document = json.loads(answer.body)
+        message = document["error"] if set(document) == {"error"} else document["message"]
+        assert isinstance(message, str) and message and answer.reason == message
+    assert other.status == 200 and "predictions" in other.json()
