@@ -14,6 +14,7 @@ import base64
 import json
 import struct
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -98,8 +99,8 @@ def everything(net_archive: Path, digits_archive: Path, variant_builds: dict[str
     archives = {"net": net_archive, "digits": digits_archive, **{name: b.archive for name, b in variant_builds.items()}}
     with serving(list(archives.values()), tmp_path_factory.mktemp("load")) as run:
         management = Management.from_run(run)
-        for name in archives:
-            management.register(f"{name}.mar", workers=1, batch_size=1)
+        with ThreadPoolExecutor(4) as pool:  # the workers start side by side (each imports torch)
+            list(pool.map(lambda name: management.register(f"{name}.mar", workers=1, batch_size=1), archives))
         yield run, archives
 
 
