@@ -23,7 +23,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -68,9 +68,11 @@ class ModelSource:
         return (self.manifest.get("model") or {}).get("modelVersion")
 
 
-@dataclass(frozen=True)
-class Reply:
-    """One request's answer: its status and its body (JSON-able, or bytes/str as a handler made it)."""
+class Reply(NamedTuple):
+    """One request's answer: its status and its body (JSON-able, or bytes/str as a handler made it).
+
+    A named tuple, not a dataclass: one is made per request, on the hot path.
+    """
 
     status: int
     body: Any
@@ -160,11 +162,14 @@ class Engine:
         decoded = [self._decode(idx, request) for idx, request in enumerate(requests)]
         stats.timed("preprocess", began)
         replies: list[Reply | None] = [None] * len(decoded)
+        predicted: list[int] = []
+        explained: list[int] = []
         for idx, item in enumerate(decoded):
             if isinstance(item, _Refused):
                 replies[idx] = _refusal(item.error, item.protocol, stats)
-        for explain in (False, True):
-            group = [i for i, item in enumerate(decoded) if isinstance(item, Decoded) and item.explain is explain]
+            else:
+                (explained if item.explain else predicted).append(idx)
+        for explain, group in ((False, predicted), (True, explained)):
             if not group:
                 continue
             items = [decoded[i] for i in group]
@@ -221,6 +226,8 @@ class Engine:
 
     def inference(self, batch: torch.Tensor) -> torch.Tensor:
         """One forward pass over the rows of every good request in the batch."""
+        if not torch.is_grad_enabled():  # a host that turned autograd off for good (a TorchServe worker): no context per batch
+            return self.model(batch.to(self.device)).float().cpu()
         with torch.inference_mode():
             return self.model(batch.to(self.device)).float().cpu()
 

@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
+
+import torch
 
 from .base import BatchHandler
 from .engine import BatchFailed, Engine, ModelSource
@@ -51,6 +54,10 @@ class TorchServeEntry:
             gpu_id=properties.get("gpu_id"),
         )
         self.engine = Engine(self.handler_class, source)
+        if in_worker_process():
+            # The process serves this one model: autograd off for good saves a context per batch
+            # (explanations turn it on for themselves). Not when a test or a tool runs this class in-process.
+            torch.set_grad_enabled(False)
         quiet_per_batch_log()
         self.metrics = TorchServeMetrics(context) if self.engine.options.metrics else None
         self.initialized = True
@@ -104,6 +111,12 @@ class RequestHeaders(Mapping[str, str]):
 
     def __len__(self) -> int:
         return len(self._all())
+
+
+def in_worker_process() -> bool:
+    """True in a TorchServe worker process (its main module is ts/model_service_worker.py)."""
+    main = sys.modules.get("__main__")
+    return str(getattr(main, "__file__", "") or "").endswith("model_service_worker.py")
 
 
 def _explain_asked(context: Any, idx: int) -> bool:
