@@ -176,13 +176,16 @@ def _options(named: Named, values: dict[str, Any]) -> Any:
 def is_stale(spec: ModelSpec) -> bool:
     """True when there is something to (re)make: weights missing, or older than anything they come from.
 
-    A model without a ``training:`` hook is never stale: its weights are the user's.
-    A missing input counts as newer, so the run that follows names it.
+    A model without a ``training:`` hook is never stale: its weights are the user's. A hook-trained
+    model whose ``data:`` file is missing is (the hook writes it). A missing input counts as newer,
+    so the run that follows names it.
     """
     if spec.base is None and spec.training is None:
         return False
     if not spec.weights.exists():
         return True
+    if spec.base is None and spec.data_file is not None and not spec.data_file.path.exists():
+        return True  # the hook writes the data file too: the report and the variants need it
     built = spec.weights.stat().st_mtime
     sources = [spec.source, spec.model_file, *made_by(spec)]
     if spec.base is not None:

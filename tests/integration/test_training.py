@@ -41,6 +41,7 @@ def test_heldout_mse_is_recorded_and_near_the_noise_floor(net_spec: ModelSpec) -
 def test_is_stale_follows_file_times(net_spec: ModelSpec, tmp_path: Path) -> None:
     assert not is_stale(net_spec)
     assert is_stale(dataclasses.replace(net_spec, weights=tmp_path / "missing.pt"))
+    assert is_stale(dataclasses.replace(net_spec, data_file=dataclasses.replace(net_spec.data_file, path=tmp_path / "missing_data.pt")))
 
 
 def test_the_hook_writes_the_split_the_archiver_reads(net_spec: ModelSpec) -> None:
