@@ -37,6 +37,7 @@ from serveready.handlers.archive import CONFIG_ENTRY, ENTRY_FILE, LIBRARY_DIR, L
 from serveready.handlers.config import to_mapping
 from serveready.handlers.engine import Engine, ModelSource
 from serveready.handlers.errors import ArchiveError, ConfigError, ModelLoadError
+from serveready.handlers.inputs import logits
 from serveready.handlers.runtime import load_eager_model
 
 from . import evaluate
@@ -70,10 +71,12 @@ def verify(spec: ModelSpec) -> nn.Module:
 
 
 def check_sample(spec: ModelSpec, model: Model) -> torch.Tensor:
-    """One forward on zeros of ``sample_shape``: one finite output row per input row, or an ArchiverError."""
+    """One forward on the handler's sample inputs (zeros of ``sample_shape``): one finite output row per
+    input row, or an ArchiverError."""
     try:
         with torch.inference_mode():
-            out = model(torch.zeros(spec.sample_shape))
+            out = model(*spec.sample_inputs.values())
+        out = logits(out)
     except Exception as err:
         raise ArchiverError(
             f"{spec.name}: {spec.model_class} from {spec.model_file.name} with {spec.weights.name} "
@@ -129,6 +132,12 @@ def pack(spec: ModelSpec, store: Path) -> Path:
                 shutil.copy2(path, extra / name)
         entry = work / ENTRY_FILE
         entry.write_text(spec.handler.entry_source())
+        # TorchServe pip-installs an archive's requirements.txt only with install_py_dep_per_model=true;
+        # elsewhere it tells the host what to install (and the worker names it when missing).
+        requirements = spec.handler.handler_class.requirements
+        requirements_file = work / "requirements.txt"
+        if requirements:
+            requirements_file.write_text("".join(f"{line}\n" for line in requirements))
         config_file = work / CONFIG_ENTRY
         header = f"# written by serveready {serveready.__version__} from {spec.source.name}: TorchServe's keys, then the handler's\n"
         config_file.write_text(header + yaml.safe_dump(model_config(spec), sort_keys=False))
@@ -142,6 +151,7 @@ def pack(spec: ModelSpec, store: Path) -> Path:
             export_path=str(store),
             force=True,
             config_file=str(config_file),
+            requirements_file=str(requirements_file) if requirements else None,
         )
         (store / spec.archive_name).unlink(missing_ok=True)
         with _archiver_tempdir(work / "pack"):

@@ -2,6 +2,9 @@
 
     DataFile    the user's own tensors, ``torch.save({"x_test": ..., "y_test": ..., "x_train": ..., "y_train": ...})``
 
+``x_test`` and ``x_train`` are the model's inputs: one tensor, or for a model of several inputs a
+dict of them by name in the forward's order (a text model's ``{"input_ids": ..., "attention_mask": ...}``).
+
 A data file is written by whoever trains the model (the examples' ``train.py`` does it, as a
 user's own training would); the archiver reads it for the report, fidelity bounds and the
 variants that need data (static int8 calibration, distillation, fine-tuning), so they all see
@@ -17,6 +20,8 @@ from typing import Literal
 
 import torch
 
+from serveready.handlers.inputs import Inputs, as_inputs, rows
+
 from .errors import ArchiverError
 
 Task = Literal["regression", "classification"]
@@ -27,12 +32,12 @@ class Split:
     """Held-out inputs and truth, and (where the file has them) training rows."""
 
     task: Task
-    x_test: torch.Tensor
+    x_test: Inputs
     y_test: torch.Tensor
-    x_train: torch.Tensor | None = None
+    x_train: Inputs | None = None
     y_train: torch.Tensor | None = None
 
-    def training_inputs(self, purpose: str) -> torch.Tensor:
+    def training_inputs(self, purpose: str) -> Inputs:
         """The training inputs, or an error saying ``purpose`` needs them."""
         if self.x_train is None:
             raise ArchiverError(f"{purpose} needs training inputs: add x_train (and y_train) to the data file")
@@ -60,21 +65,30 @@ class DataFile:
         for x, y in (("x_test", "y_test"), ("x_train", "y_train")):
             if (x in tensors) != (y in tensors):
                 raise ArchiverError(f"data file {self.path.name} has {x if x in tensors else y} without {y if x in tensors else x}")
-            if x in tensors and len(tensors[x]) != len(tensors[y]):
-                raise ArchiverError(f"data file {self.path.name}: {x} has {len(tensors[x])} rows, {y} has {len(tensors[y])}")
+            if x in tensors and rows(tensors[x]) != len(tensors[y]):
+                raise ArchiverError(f"data file {self.path.name}: {x} has {rows(tensors[x])} rows, {y} has {len(tensors[y])}")
         return Split(self.task, tensors["x_test"], tensors["y_test"], tensors.get("x_train"), tensors.get("y_train"))
 
-    def _tensor(self, document: dict, key: str) -> torch.Tensor:
+    def _tensor(self, document: dict, key: str) -> torch.Tensor | Inputs:
         value = document[key]
+        if key.startswith("x"):
+            return self._inputs(value, key)
         if not isinstance(value, torch.Tensor) or value.ndim == 0 or len(value) == 0:
             raise ArchiverError(f"data file {self.path.name}: {key} must be a non-empty tensor, got {type(value).__name__}")
-        if key.startswith("x"):
-            return value.float()
         if self.task == "classification":
             if value.is_floating_point() or value.ndim != 1:
                 raise ArchiverError(f"data file {self.path.name}: {key} must hold class indices (a 1-D integer tensor) for classification")
             return value.long()
         return value.float().reshape(len(value), -1)
+
+    def _inputs(self, value: object, key: str) -> Inputs:
+        """A tensor, or a dict of tensors with the same rows: numbers as float32, integers (token ids) as int64."""
+        parts = value if isinstance(value, dict) else {key: value}
+        if not parts or not all(isinstance(t, torch.Tensor) and t.ndim > 0 and len(t) > 0 for t in parts.values()):
+            raise ArchiverError(f"data file {self.path.name}: {key} must be a non-empty tensor, or a dict of them (a model's inputs by name)")
+        if len({len(t) for t in parts.values()}) != 1:
+            raise ArchiverError(f"data file {self.path.name}: the inputs of {key} ({', '.join(parts)}) have different numbers of rows")
+        return as_inputs({k: t.float() if t.is_floating_point() else t.long() for k, t in parts.items()})
 
 
 def load(source: DataFile) -> Split:

@@ -15,19 +15,21 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from serveready.handlers.inputs import Inputs, chunks, logits, repeat_row, select
+
 from . import datasets, weights
 from .errors import ArchiverError
 
 if TYPE_CHECKING:
     from .spec import ModelSpec
 
-Model = Callable[[torch.Tensor], torch.Tensor]
+Model = Callable[..., torch.Tensor]
 
 
-def run(model: Model, inputs: torch.Tensor) -> torch.Tensor:
+def run(model: Model, inputs: Inputs) -> torch.Tensor:
     """Outputs for ``inputs`` in chunks, as float32."""
     with torch.inference_mode():
-        return torch.cat([model(chunk).float() for chunk in inputs.split(1024)])
+        return torch.cat([logits(model(*chunk)).float() for chunk in chunks(inputs, 1024)])
 
 
 def served_numbers(outputs: torch.Tensor, task: str) -> torch.Tensor:
@@ -42,14 +44,14 @@ def quality(outputs: torch.Tensor, data: datasets.Split) -> dict[str, float]:
     return {"mse": torch.mean((outputs.float() - data.y_test.reshape(outputs.shape)) ** 2).item()}
 
 
-def latency_ms(model: Model, row: torch.Tensor, batch: int, repeats: int = 30) -> float:
+def latency_ms(model: Model, row: Inputs, batch: int, repeats: int = 30) -> float:
     """Median in-process milliseconds for one forward of ``batch`` copies of ``row``, after warm-up."""
-    inputs = row.expand(batch, *row.shape[1:]).contiguous()
+    inputs = repeat_row(row, batch)
     times = []
     with torch.inference_mode():
         for i in range(repeats + 5):
             start = time.perf_counter()
-            model(inputs)
+            model(*inputs)
             if i >= 5:
                 times.append((time.perf_counter() - start) * 1000)
     return statistics.median(times)
@@ -85,8 +87,8 @@ def measure(spec: ModelSpec, model: Model, archive: Path, weights_file: Path, re
         expected = run(reference, data.x_test) if reference is not None else outputs
         diff = (served_numbers(outputs, data.task) - served_numbers(expected, data.task)).abs()
         reference_quality = quality(expected, data)
-        row.update(quality(outputs, data), heldout_rows=len(data.x_test), max_abs_diff=diff.max().item(), mean_abs_diff=diff.mean().item())
-    sample = data.x_test[:1] if data is not None else torch.zeros((1, *spec.sample_shape[1:]))
+        row.update(quality(outputs, data), heldout_rows=len(data.y_test), max_abs_diff=diff.max().item(), mean_abs_diff=diff.mean().item())
+    sample = select(data.x_test, slice(0, 1)) if data is not None else tuple(spec.sample_inputs.values())
     threads = torch.get_num_threads()
     torch.set_num_threads(spec.handler_options.torch_threads or 1)  # as a worker runs it
     try:

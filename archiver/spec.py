@@ -10,22 +10,28 @@ the key, before anything is trained or packed.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 
 from serveready.handlers.archive import DEFAULT_JOB_QUEUE_SIZE
 from serveready.handlers.config import DeviceType, HandlerOptions, ModelOptions, option, parse, to_mapping
+from serveready.handlers.errors import ModelLoadError
+from serveready.handlers.runtime import forward_parameters
 
 from .datasets import DataFile
 from .entries import HandlerEntry, check_top_level_name, resolve
 from .errors import ArchiverError, ConfigError
 from .training import TrainingHook, resolve_hook
 from .variants import KINDS, VariantKind, VariantOptions
+
+if TYPE_CHECKING:
+    import torch
 
 # TorchServe's own rule for model names (model-archiver checks the same).
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-.]*$")
@@ -126,6 +132,16 @@ class ModelSpec:
         return self.origin.data_file
 
     @property
+    def sample_inputs(self) -> dict[str, torch.Tensor]:
+        """The model's named sample inputs, as its handler makes them (zeros of ``sample_shape`` for one input)."""
+        return self.handler.handler_class.model_inputs(self.handler_options, self.model_options)
+
+    @property
+    def dynamic_dims(self) -> dict[int, tuple[str, int]]:
+        """Input dimensions besides the batch that vary between batches (a text model's sequence)."""
+        return self.handler.handler_class.dynamic_dims(self.handler_options, self.model_options)
+
+    @property
     def model_options(self) -> ModelOptions:
         """The archive's ``model:`` section: how the handler loads this spec's weights."""
         return ModelOptions(
@@ -134,7 +150,16 @@ class ModelSpec:
             kwargs=dict(self.model_kwargs),
             sample_shape=self.sample_shape,
             dtype=getattr(self.variant, "dtype", None),
+            inputs=self.handler.handler_class.input_names(lambda: _forward_parameters(self.model_file, self.model_class)),
         )
+
+
+@functools.lru_cache(maxsize=64)
+def _forward_parameters(model_file: Path, model_class: str) -> tuple[str, ...]:
+    try:
+        return tuple(forward_parameters(model_file, model_class))
+    except ModelLoadError as err:
+        raise ArchiverError(err.message) from None
 
 
 def load_spec(path: Path, root: Path | None = None) -> ModelSpec:

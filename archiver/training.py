@@ -77,7 +77,7 @@ class TrainingJob:
         metrics_path(self.weights).write_text(json.dumps(dict(metrics or {}), indent=2) + "\n")
         return self.weights
 
-    def save_data(self, x_test: torch.Tensor, y_test: torch.Tensor, x_train: torch.Tensor | None = None,
+    def save_data(self, x_test: torch.Tensor | Mapping[str, torch.Tensor], y_test: torch.Tensor, x_train: torch.Tensor | Mapping[str, torch.Tensor] | None = None,
                   y_train: torch.Tensor | None = None) -> Path:
         """Write the split to the config's ``data:`` file, as ``data: {file: ...}`` reads it."""
         if self.data_file is None:

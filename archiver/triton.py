@@ -35,7 +35,7 @@ def export(spec: ModelSpec, out: Path) -> Path:
         raise ArchiverError(f"{spec.name}: a Triton export starts from eager torch weights; {spec.kind_info.format} variants cannot: "
                             f"export {spec.base.name if spec.base else 'the fp32 model'} instead")
     model = verify(spec)
-    data = onnx_bytes(spec.name, model, spec.sample_shape)
+    data = onnx_bytes(spec.name, model, spec.sample_inputs, spec.dynamic_dims)
     folder = Path(out) / spec.name
     (folder / "1").mkdir(parents=True, exist_ok=True)
     (folder / "1" / "model.onnx").write_bytes(data)

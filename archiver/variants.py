@@ -16,8 +16,9 @@ A new kind is one entry here plus one loader in ``serveready.handlers.loaders``.
     pruned_structured  keeps the model.kwargs[variant.size_kwarg] strongest hidden units between two Linear
                        layers, then optionally fine-tunes them on the fp32 outputs (variant.finetune_epochs)
     distilled          a smaller student (model.kwargs) trained on the teacher's outputs
-    onnx               torch.onnx.export with a dynamic batch dimension, checked with onnx.checker
-    exported           torch.export program with a dynamic batch dimension (no Python model code needed)
+    onnx               torch.onnx.export with a dynamic batch dimension (and the handler's other varying
+                       dimensions: a text model's sequence), checked with onnx.checker
+    exported           torch.export program with the same dynamic dimensions (no Python model code needed)
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from torch.nn.utils import prune
 
 from serveready.handlers.config import option
 from serveready.handlers.errors import ConfigError
+from serveready.handlers.inputs import Inputs, chunks, logits, rows, select
 from serveready.handlers.loaders import convert_static_int8, prepare_static_int8, quantize_dynamic_int8, quiet_quantization
 from serveready.handlers.runtime import build_module, load_eager_model
 
@@ -132,7 +134,7 @@ def _split(spec: ModelSpec, purpose: str) -> datasets.Split:
     return datasets.load(source)
 
 
-def _training_inputs(spec: ModelSpec, purpose: str) -> torch.Tensor:
+def _training_inputs(spec: ModelSpec, purpose: str) -> Inputs:
     try:
         return _split(spec, purpose).training_inputs(purpose)
     except ArchiverError as err:
@@ -145,10 +147,10 @@ def derive_int8_dynamic(spec: ModelSpec, fp32: nn.Module) -> None:
 
 def derive_int8_static(spec: ModelSpec, fp32: nn.Module) -> None:
     prepared = prepare_static_int8(fp32, spec.sample_shape)
-    calibration = _training_inputs(spec, "int8 static calibration")[: spec.variant.calibration_rows]
+    calibration = select(_training_inputs(spec, "int8 static calibration"), slice(0, spec.variant.calibration_rows))
     with torch.inference_mode():
-        for chunk in calibration.split(64):
-            prepared(chunk)
+        for chunk in chunks(calibration, 64):
+            prepared(*chunk)
     _save_state(convert_static_int8(prepared), spec.weights)
 
 
@@ -211,13 +213,13 @@ def fit_to_teacher(spec: ModelSpec, student: nn.Module, fp32: nn.Module, epochs:
     try:
         optimizer = torch.optim.Adam(student.parameters(), lr=options.lr)
         with torch.inference_mode():
-            targets = fp32(inputs)
+            targets = torch.cat([logits(fp32(*chunk)) for chunk in chunks(inputs, 1024)])
         order = torch.Generator().manual_seed(options.seed)
         for _ in range(epochs):
             student.train()
-            for idx in torch.randperm(len(inputs), generator=order).split(options.batch_size):
+            for idx in torch.randperm(rows(inputs), generator=order).split(options.batch_size):
                 optimizer.zero_grad()
-                outputs = student(inputs[idx])
+                outputs = logits(student(*select(inputs, idx)))
                 if classification:
                     soft = nn.functional.log_softmax(outputs / temperature, dim=1)
                     loss = nn.functional.kl_div(soft, nn.functional.softmax(targets[idx] / temperature, dim=1), reduction="batchmean") * temperature**2
@@ -236,12 +238,16 @@ def derive_distilled(spec: ModelSpec, fp32: nn.Module) -> None:
     _save_state(fit_to_teacher(spec, student, fp32, spec.variant.epochs), spec.weights)
 
 
-def _batch_dim() -> Any:
-    return torch.export.Dim("batch", min=1, max=65536)
+def _dynamic_shapes(inputs: dict[str, torch.Tensor], dims: dict[int, tuple[str, int]]) -> tuple[dict[int, Any], ...]:
+    """torch.export's dynamic_shapes for ``inputs``: the batch, and the handler's varying dimensions, of each."""
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    varying = {dim: torch.export.Dim(name, min=1, max=largest) for dim, (name, largest) in dims.items()}
+    return tuple({0: batch, **{d: v for d, v in varying.items() if d < t.ndim}} for t in inputs.values())
 
 
-def onnx_bytes(name: str, model: nn.Module, sample_shape: tuple[int, ...]) -> bytes:
-    """``model`` as a checked ONNX file: input "input", output "output", a dynamic batch dimension."""
+def onnx_bytes(name: str, model: nn.Module, inputs: dict[str, torch.Tensor], dims: dict[int, tuple[str, int]] | None = None) -> bytes:
+    """``model`` as a checked ONNX file: inputs named as the handler names them ("input" for one), output
+    "output", a dynamic batch dimension and the handler's varying ones (``dims``)."""
     try:
         import onnx
         import onnxscript  # noqa: F401  (torch.onnx's exporter needs it)
@@ -249,19 +255,20 @@ def onnx_bytes(name: str, model: nn.Module, sample_shape: tuple[int, ...]) -> by
         raise ArchiverError(f"{name}: ONNX export needs the onnx extra: pip install 'serveready[onnx]'") from None
     buffer = io.BytesIO()
     with quiet_quantization():
-        torch.onnx.export(model, (torch.zeros(sample_shape),), buffer, input_names=["input"], output_names=["output"],
-                          dynamo=True, dynamic_shapes=({0: _batch_dim()},), verbose=False)
+        torch.onnx.export(model, tuple(inputs.values()), buffer, input_names=list(inputs), output_names=["output"],
+                          dynamo=True, dynamic_shapes=_dynamic_shapes(inputs, dims or {}), verbose=False)
     proto = onnx.load_from_string(buffer.getvalue())
     onnx.checker.check_model(proto, full_check=True)
     return buffer.getvalue()
 
 
 def derive_onnx(spec: ModelSpec, fp32: nn.Module) -> None:
-    spec.weights.write_bytes(onnx_bytes(spec.name, fp32, spec.sample_shape))
+    spec.weights.write_bytes(onnx_bytes(spec.name, fp32, spec.sample_inputs, spec.dynamic_dims))
 
 
 def derive_exported(spec: ModelSpec, fp32: nn.Module) -> None:
-    program = torch.export.export(fp32, (torch.zeros(spec.sample_shape),), dynamic_shapes=({0: _batch_dim()},))
+    inputs = spec.sample_inputs
+    program = torch.export.export(fp32, tuple(inputs.values()), dynamic_shapes=_dynamic_shapes(inputs, spec.dynamic_dims))
     buffer = io.BytesIO()
     torch.export.save(program, buffer)
     spec.weights.write_bytes(buffer.getvalue())

@@ -11,8 +11,8 @@ TorchServe host needs torch and Pillow, nothing of this library, to serve it.
     archive       the .mar layout: sums, manifest, model-config, version, signature
     errors        the one error tree (each error carries its HTTP status and exit code)
     config        typed options, validated once
-    tabular, image_classifier       the built-in handlers
-    payload, images, labels, loaders, runtime, observe   their pieces
+    tabular, image_classifier, text_classifier   the built-in handlers
+    payload, images, labels, inputs, loaders, runtime, observe   their pieces
 
 Built-in handlers are named in a model config by their key in :data:`BUILTINS`
 (``handler: {entry: tabular}``); a handler of one's own subclasses :class:`BatchHandler`.
@@ -26,7 +26,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from .config import DeviceType, HandlerOptions, ImageOptions, ModelOptions, TabularOptions, option, parse
+from .config import DeviceType, HandlerOptions, ImageOptions, ModelOptions, TabularOptions, TextOptions, option, parse
 from .errors import (
     ArchiveError,
     ArchiverError,
@@ -45,6 +45,7 @@ from .errors import (
 BUILTINS: dict[str, str] = {
     "tabular": "serveready.handlers.tabular:TabularHandler",
     "image_classifier": "serveready.handlers.image_classifier:ImageClassifierHandler",
+    "text_classifier": "serveready.handlers.text_classifier:TextClassifierHandler",
 }
 
 _LAZY = {
@@ -55,7 +56,7 @@ _LAZY = {
     "TorchServeEntry": "torchserve",
     "Answer": "host", "Model": "host", "load": "host",
     "Archive": "archive",
-    "TabularHandler": "tabular", "ImageClassifierHandler": "image_classifier",
+    "TabularHandler": "tabular", "ImageClassifierHandler": "image_classifier", "TextClassifierHandler": "text_classifier",
 }
 
 
@@ -105,6 +106,8 @@ __all__ = [
     "ServereadyError",
     "TabularHandler",
     "TabularOptions",
+    "TextClassifierHandler",
+    "TextOptions",
     "TorchServeEntry",
     "builtin",
     "decode_json",

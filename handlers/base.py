@@ -16,6 +16,12 @@ numbers), ``explain_rows`` (what an explanation adds per input), ``instance_of``
 input that gives a model input, for tools), ``check`` (options against the model, at build
 time) and ``setup`` (after the model loaded).
 
+A model with several inputs (a text model's ``forward(input_ids, attention_mask)``), or rows
+that only become tensors together (texts padded to the batch's longest), also says
+``model_inputs`` (named sample inputs: what exports and checks feed it), ``dynamic_dims`` (the
+sizes that vary between batches besides the batch), ``collate`` (the decoded requests of a
+batch -> the model's inputs) and ``attribute`` (what explanations attribute).
+
 Example, a handler of one's own (named in a model config as ``handler: {entry: my_handler.py}``):
 
     from dataclasses import dataclass
@@ -37,7 +43,7 @@ Example, a handler of one's own (named in a model config as ``handler: {entry: m
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -46,6 +52,7 @@ import torch
 
 from .config import HandlerOptions, ModelOptions
 from .errors import InvalidInput
+from .inputs import Inputs
 from .payload import Request, parse_array
 
 OWN = "own"
@@ -55,7 +62,9 @@ OWN = "own"
 class Decoded:
     """One request, decoded: its model input rows, per-request options (e.g. top-k), and how it is answered."""
 
-    rows: torch.Tensor
+    #: a tensor with one row per input (the default ``collate`` concatenates them), or whatever the
+    #: handler's own ``collate`` takes (a text handler's texts); ``len(rows)`` is the number of inputs
+    rows: Any
     options: dict[str, Any] = field(default_factory=dict)
     #: the answer is one item (one image, one text), not a list with an entry per row
     single: bool = False
@@ -65,6 +74,8 @@ class Decoded:
     protocol: str = OWN
     #: set by the codec: a v2 request's "id", echoed
     request_id: Any = None
+    #: set by a handler's ``collate``: what its rows became, per input (a text handler's tokens)
+    encoded: Any = None
 
 
 class BatchHandler:
@@ -78,6 +89,8 @@ class BatchHandler:
     options_type: ClassVar[type[HandlerOptions]] = HandlerOptions
     #: the most inputs one KServe v1 or v2 request may carry
     max_instances: ClassVar[int] = 64
+    #: what the serving host needs besides torch (pip requirement lines): the archive's requirements.txt
+    requirements: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, options: Any, model: ModelOptions, model_dir: Path) -> None:
         self.options = options
@@ -92,6 +105,24 @@ class BatchHandler:
     @classmethod
     def check(cls, options: Any, model: ModelOptions) -> None:
         """Refuse options that cannot work with ``model`` (raise ConfigError naming the key); none here."""
+
+    @classmethod
+    def model_inputs(cls, options: Any, model: ModelOptions) -> dict[str, torch.Tensor]:
+        """Named sample inputs, in the order the model's forward takes them: a batch of ``model.sample_shape``.
+        The smoke test at load, the archiver's checks and the ONNX/torch.export exports feed these."""
+        return {"input": torch.zeros(model.sample_shape)}
+
+    @classmethod
+    def dynamic_dims(cls, options: Any, model: ModelOptions) -> dict[int, tuple[str, int]]:
+        """Dimensions of every input, besides the batch, that vary between batches: {dim: (name, largest)}.
+        None here: every row has the shape of ``model.sample_shape``."""
+        return {}
+
+    @classmethod
+    def input_names(cls, parameters: Callable[[], Sequence[str]]) -> tuple[str, ...] | None:
+        """The model's input names, in order, for the archive's ``model.inputs``, from ``parameters()`` (the
+        names its forward takes; calling it imports the model file). None here: the model takes one input."""
+        return None
 
     def setup(self, sample_outputs: torch.Tensor) -> None:
         """Called once the model loaded and ran its sample: read what the answers need (class names...).
@@ -119,6 +150,10 @@ class BatchHandler:
         check a served model against data (``ts-gpu-check --data``). Here the numbers themselves."""
         return inputs.tolist()
 
+    def collate(self, items: Sequence[Decoded]) -> Inputs:
+        """The model's inputs for the good requests of one batch, rows in request order: here their rows, concatenated."""
+        return (torch.cat([item.rows for item in items]) if len(items) > 1 else items[0].rows,)
+
     # -- answers out -----------------------------------------------------------------
     def encode_rows(self, outputs: torch.Tensor, item: Decoded) -> list[Any]:
         """One JSON value per output row (here the numbers themselves); every protocol's answer is made of these."""
@@ -128,6 +163,10 @@ class BatchHandler:
         """This handler's own answer: ``{"predictions": ...}``, one value, or one per row."""
         rows = self.encode_rows(outputs, item)
         return {"predictions": rows[0] if item.single else rows}
+
+    def answer_extras(self, item: Decoded) -> dict[str, Any]:
+        """Keys a KServe v1 answer carries besides ``predictions`` (a text handler's ``truncated``); none here."""
+        return {}
 
     def tensor_outputs(self, outputs: torch.Tensor, item: Decoded) -> dict[str, torch.Tensor]:
         """What a v2 client gets as numbers, by output name: the model's outputs, one row per input."""
@@ -140,3 +179,12 @@ class BatchHandler:
     def explain_target(self, outputs: torch.Tensor) -> torch.Tensor | int:
         """Which output to attribute: the predicted class for classifiers, output 0 otherwise."""
         return outputs.argmax(dim=1) if outputs.shape[1] > 1 else 0
+
+    def attribute(self, forward: Any, module: Any, inputs: Inputs, target: torch.Tensor | int) -> torch.Tensor:
+        """Attributions for ``target``: Captum's Integrated Gradients over the first input, from zeros
+        (``forward`` runs the model on the device; ``module`` is the nn.Module where the format has one)."""
+        from captum.attr import IntegratedGradients
+
+        first = inputs[0].clone().requires_grad_(True)
+        return IntegratedGradients(forward).attribute(first, baselines=torch.zeros_like(first), target=target,
+                                                      additional_forward_args=inputs[1:] or None, n_steps=self.options.ig_steps)

@@ -246,6 +246,19 @@ class ImageOptions(HandlerOptions):
 
 
 @dataclass(frozen=True, kw_only=True)
+class TextOptions(HandlerOptions):
+    """Texts in, each text's top-k classes out; tokenized with the archive's Hugging Face tokenizer.json."""
+
+    tokenizer: str = option(doc="the Hugging Face tokenizer.json, one of the archive's extra_files")
+    max_length: int = option(128, minimum=2, doc="tokens per text, special tokens included; longer texts are truncated, and the answer says so")
+    max_texts: int = option(64, minimum=1, doc="texts per request; more get 400")
+    max_chars: int = option(10_000, minimum=1, doc="characters per text; longer texts get 400 before they are tokenized")
+    classes_file: str | None = option(None, doc="class names: JSON {index: name} or [names], or text with one name per line")
+    top_k: int = option(3, minimum=1, doc="classes answered by default; a request may ask for 1..classes")
+    embedding_layer: str = option("embedding", doc="the module whose output explanations attribute (Layer Integrated Gradients)")
+
+
+@dataclass(frozen=True, kw_only=True)
 class ModelOptions:
     """How the handler loads the archive's model; the archiver writes it as model-config.yaml's ``model:``."""
 
@@ -254,6 +267,7 @@ class ModelOptions:
     kwargs: dict[str, Any] = option(factory=dict, doc="keyword arguments of the class")
     sample_shape: tuple[int, ...] = option(minimum=1, doc="a batch of zeros of this shape runs through the model")
     dtype: Literal["float16", "bfloat16"] | None = option(None, doc="half-precision archives: the weights' dtype")
+    inputs: tuple[str, ...] | None = option(None, doc="the forward's input names, in order, where it takes several (a text model's)")
 
     def __post_init__(self) -> None:
         if len(self.sample_shape) < 2:

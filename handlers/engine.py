@@ -7,8 +7,9 @@ each batch with exactly one :class:`Reply` per request, in order:
 
 1. **decode**: the protocol's codec turns each request into rows through the handler; a
    request that raises InvalidInput keeps its error (400) instead of failing the batch;
-2. **inference**: one forward over the rows of all good requests, concatenated, under
-   ``torch.inference_mode()``, on the worker's device (explanations: Integrated Gradients);
+2. **inference**: one forward over the rows of all good requests, made the model's inputs by the
+   handler's ``collate`` (concatenated, or padded texts), under ``torch.inference_mode()``, on the
+   worker's device (explanations: the handler's ``attribute``, Integrated Gradients);
 3. **encode**: the output split back by each request's row count, each answered in its protocol.
 
 A fault of the model's (not the client's) raises :class:`BatchFailed` for the whole batch; the
@@ -31,6 +32,7 @@ from . import protocols
 from .base import BatchHandler, Decoded
 from .config import ModelOptions, parse
 from .errors import ExplanationsUnavailable, HandlerError, ModelLoadError
+from .inputs import Inputs, logits
 from .loaders import Loaded, load_model, model_format
 from .observe import BatchStats
 from .payload import Request
@@ -128,6 +130,7 @@ class Engine:
             raise ModelLoadError(f"the {model.format} model cannot be loaded on {device}: {err}") from err
         self.model, self.device = self.loaded.run, self.loaded.inputs_on
         self.model_options = model
+        self.sample_inputs: Inputs = tuple(handler_class.model_inputs(options, model).values())
         self.sample_outputs = self._smoke_test()
         self.handler = handler_class(options, model, Path(source.model_dir))
         _adapt_old_decode(self.handler)
@@ -143,10 +146,10 @@ class Engine:
         return self.handler.options
 
     def _smoke_test(self) -> torch.Tensor:
-        """A zero batch of ``model.sample_shape``: a model that cannot run where it was put fails here, at
-        load time, not at its first request (and it is warmed up)."""
+        """The handler's sample inputs (zeros of ``model.sample_shape``): a model that cannot run where it was
+        put fails here, at load time, not at its first request (and it is warmed up)."""
         try:
-            return self.inference(torch.zeros(self.model_options.sample_shape))
+            return self.inference(self.sample_inputs)
         except Exception as err:
             raise ModelLoadError(f"the {self.model_options.format} model does not run with {self.loaded.describe()}: {err}") from err
 
@@ -198,11 +201,13 @@ class Engine:
         return item
 
     def _run(self, items: list[Decoded], explain: bool, stats: BatchStats) -> list[Any]:
-        sizes = [item.rows.shape[0] for item in items]
-        batch = torch.cat([item.rows for item in items]) if len(items) > 1 else items[0].rows
-        stats.rows += batch.shape[0]
+        sizes = [len(item.rows) for item in items]
         model = (self.name, self.version)
         try:
+            began = time.perf_counter()
+            batch = self.handler.collate(items)
+            stats.timed("preprocess", began)
+            stats.rows += sum(sizes)
             if not explain:
                 began = time.perf_counter()
                 outputs = self.inference(batch)
@@ -224,32 +229,36 @@ class Engine:
             logger.exception("%s failed", "explanation" if explain else "inference")
             raise BatchFailed(BATCH_FAILURE) from err
 
-    def inference(self, batch: torch.Tensor) -> torch.Tensor:
+    def inference(self, batch: Inputs) -> torch.Tensor:
         """One forward pass over the rows of every good request in the batch."""
         if not torch.is_grad_enabled():  # a host that turned autograd off for good (a TorchServe worker): no context per batch
-            return self.model(batch.to(self.device)).float().cpu()
+            return self.forward(*batch).float().cpu()
         with torch.inference_mode():
-            return self.model(batch.to(self.device)).float().cpu()
+            return self.forward(*batch).float().cpu()
 
-    def attribute(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Outputs and Integrated Gradients attributions (Captum) for ``batch``."""
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        """The model on ``inputs`` (moved to its device); a Hugging Face ``ModelOutput`` is read through ``.logits``."""
+        device = self.device
+        output = self.model(*[t.to(device) for t in inputs]) if len(inputs) > 1 else self.model(inputs[0].to(device))
+        return output if isinstance(output, torch.Tensor) else logits(output)
+
+    def attribute(self, batch: Inputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """Outputs and the handler's attributions (Integrated Gradients, Captum) for ``batch``."""
         if not self.loaded.differentiable:
             raise ExplanationsUnavailable(f"explanations need gradients, and this archive's {self.model_options.format} model has none: ask the fp32 model")
         try:
-            from captum.attr import IntegratedGradients
+            import captum.attr  # noqa: F401  (the handler's attribute uses it; here, to say what is missing)
         except ImportError as err:  # captum.attr imports matplotlib too: name what is missing
             missing = err.name or "captum"
             because = "" if missing == "captum" else f" (captum needs it: {err})"
             raise ExplanationsUnavailable(f"explanations need captum on the TorchServe host: pip install {missing}{because}") from None
         outputs = self.inference(batch)
-        inputs = batch.to(self.device).clone().requires_grad_(True)
+        inputs = tuple(t.to(self.device) for t in batch)
         target = self.handler.explain_target(outputs)
         if isinstance(target, torch.Tensor):
             target = target.to(self.device)
         with torch.enable_grad():
-            attributions = IntegratedGradients(self.model).attribute(
-                inputs, baselines=torch.zeros_like(inputs), target=target, n_steps=self.options.ig_steps
-            )
+            attributions = self.handler.attribute(self.forward, self.loaded.module, inputs, target)
         return outputs, attributions.detach().float().cpu()
 
 

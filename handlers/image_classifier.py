@@ -23,7 +23,6 @@ input), as the digits example does (``examples/digits/digits_handler.py``).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,9 +30,9 @@ from PIL import Image
 
 from .base import BatchHandler, Decoded
 from .config import ImageOptions, ModelOptions
-from .errors import ConfigError, InvalidInput, ModelLoadError
+from .errors import ConfigError, InvalidInput
 from .images import decode_base64, open_image, resized_size, standard_input
-from .labels import read_class_names
+from .labels import class_names, requested_k, top_classes
 from .payload import Request, parse_array
 
 #: Raw image bodies carry k in this header (TorchServe 0.12 drops query strings of predictions).
@@ -123,23 +122,11 @@ class ImageClassifierHandler(BatchHandler):
         return self.image_input(open_image(data, self.options.max_pixels))
 
     def _k(self, value: Any) -> int:
-        if value is None:
-            return min(self.options.top_k, self.classes)
-        if isinstance(value, (bytes, bytearray)):
-            value = bytes(value).decode("utf-8", "replace")
-        try:
-            k = int(value)
-        except (TypeError, ValueError):
-            k = 0
-        if isinstance(value, bool) or isinstance(value, float) or not 1 <= k <= self.classes:
-            raise InvalidInput(f"k must be a whole number from 1 to {self.classes}, got {value!r}")
-        return k
+        return requested_k(value, self.options.top_k, self.classes)
 
     # -- answers ---------------------------------------------------------------------
     def encode_rows(self, outputs: torch.Tensor, item: Decoded) -> list[Any]:
-        top = torch.topk(torch.softmax(outputs, dim=1), item.options["k"], dim=1)
-        return [[{"class": self.names[i], "index": i, "probability": p} for p, i in zip(values, indices, strict=True)]
-                for values, indices in zip(top.values.tolist(), top.indices.tolist(), strict=True)]
+        return top_classes(outputs, item.options["k"], self.names)
 
     def tensor_outputs(self, outputs: torch.Tensor, item: Decoded) -> dict[str, torch.Tensor]:
         return {"probabilities": torch.softmax(outputs, dim=1)}
@@ -148,16 +135,6 @@ class ImageClassifierHandler(BatchHandler):
         images = item.rows.shape[0]
         return {"input": item.rows.reshape(images, *self.explained_shape).tolist(),
                 "attributions": attributions.reshape(images, *self.explained_shape).tolist()}
-
-
-def class_names(options: Any, model_dir: Path, classes: int) -> list[str]:
-    """The archive's class names (the indices when it has no names file), one per model output."""
-    if options.classes_file is None:
-        return [str(i) for i in range(classes)]
-    names = read_class_names(model_dir / options.classes_file)
-    if len(names) != classes:
-        raise ModelLoadError(f"class names file {options.classes_file} names {len(names)} classes, the model has {classes} outputs")
-    return names
 
 
 def _final_size(options: ImageOptions, size: tuple[int, int]) -> tuple[int, int] | None:

@@ -1,11 +1,15 @@
-"""Class names for classifiers: TorchServe's index_to_name JSON, a JSON list, or one name per line."""
+"""What every classifier answers with: class names (TorchServe's index_to_name JSON, a JSON list, or one
+name per line), the k a request asks for, and the top k classes with their probabilities."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
-from .errors import ModelLoadError
+import torch
+
+from .errors import InvalidInput, ModelLoadError
 
 
 def read_class_names(path: Path) -> list[str]:
@@ -41,3 +45,39 @@ def read_class_names(path: Path) -> list[str]:
     if not names:
         raise ModelLoadError(f"class names file {Path(path).name} names no classes")
     return names
+
+
+def class_names(options: Any, model_dir: Path, classes: int) -> list[str]:
+    """The archive's class names (``options.classes_file``; the indices when it has none), one per model output."""
+    if options.classes_file is None:
+        return [str(i) for i in range(classes)]
+    names = read_class_names(model_dir / options.classes_file)
+    if len(names) != classes:
+        raise ModelLoadError(f"class names file {options.classes_file} names {len(names)} classes, the model has {classes} outputs")
+    return names
+
+
+def requested_k(value: Any, default: int, classes: int) -> int:
+    """The k a request asks for (a JSON number, or a header's text), ``default`` when it asks none.
+
+    Raises:
+        InvalidInput: k is not a whole number from 1 to ``classes``.
+    """
+    if value is None:
+        return min(default, classes)
+    if isinstance(value, (bytes, bytearray)):
+        value = bytes(value).decode("utf-8", "replace")
+    try:
+        k = int(value)
+    except (TypeError, ValueError):
+        k = 0
+    if isinstance(value, bool) or isinstance(value, float) or not 1 <= k <= classes:
+        raise InvalidInput(f"k must be a whole number from 1 to {classes}, got {value!r}")
+    return k
+
+
+def top_classes(outputs: torch.Tensor, k: int, names: list[str]) -> list[list[dict[str, Any]]]:
+    """Per output row, its ``k`` likeliest classes: ``{"class", "index", "probability"}``, likeliest first."""
+    top = torch.topk(torch.softmax(outputs, dim=1), k, dim=1)
+    return [[{"class": names[i], "index": i, "probability": p} for p, i in zip(values, indices, strict=True)]
+            for values, indices in zip(top.values.tolist(), top.indices.tolist(), strict=True)]

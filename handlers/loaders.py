@@ -7,8 +7,9 @@
     onnx          an ONNX file run by ONNX Runtime (CUDA provider on a GPU worker)
     exported      a torch.export program: no Python model code in the archive
 
-Every loader returns a :class:`Loaded`: a callable from a float32 batch (on the device
-it names) to float32 outputs, and where it really computes, which the worker logs once.
+Every loader returns a :class:`Loaded`: a callable from the model's inputs (float32 numbers,
+or integer token ids; on the device it names) to float32 outputs, and where it really
+computes, which the worker logs once.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from .config import ModelOptions
 from .errors import ModelLoadError
 from .runtime import build_module, load_eager_model, load_weights_into
 
-Model = Callable[[torch.Tensor], torch.Tensor]
+Model = Callable[..., torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,11 @@ class Loaded:
 
     def describe(self) -> str:
         return f"{self.engine} ({self.note})" if self.note else self.engine
+
+    @property
+    def module(self) -> nn.Module | None:
+        """The torch module that computes, where there is one (explanations that attribute a layer need it)."""
+        return self.run if isinstance(self.run, nn.Module) else None
 
 
 Loader = Callable[[Path, Mapping[str, Any], ModelOptions, torch.device, int], Loaded]
@@ -137,8 +143,9 @@ def load_half(model_dir: Path, manifest: Mapping[str, Any], model: ModelOptions,
     dtype = DTYPES[name]
     module = _load_into(_module(model_dir, manifest, model).to(dtype), weights, name).to(device)
 
-    def run(batch: torch.Tensor) -> torch.Tensor:
-        return module(batch.to(device=device, dtype=dtype)).float()
+    def run(*inputs: torch.Tensor) -> torch.Tensor:
+        # Numbers are cast; integer inputs (token ids, masks) are indices, not values: they stay.
+        return module(*[t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device) for t in inputs]).float()
 
     return Loaded(run, device, f"torch {name} on {device}")
 
@@ -173,10 +180,12 @@ def load_onnx(model_dir: Path, manifest: Mapping[str, Any], model: ModelOptions,
     if not note and device.type == "cuda" and used != "CUDAExecutionProvider":
         # ONNX Runtime falls back quietly when the CUDA provider's libraries do not load.
         note = f"GPU {device.index} left unused: CUDAExecutionProvider did not start (CUDA/cuDNN libraries?), ONNX Runtime fell back to {used}"
-    name = session.get_inputs()[0].name
+    names = [i.name for i in session.get_inputs()]
 
-    def run(batch: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(session.run(None, {name: batch.detach().cpu().numpy()})[0])
+    def run(*inputs: torch.Tensor) -> torch.Tensor:
+        if len(inputs) != len(names):
+            raise ValueError(f"the ONNX graph takes {len(names)} inputs ({', '.join(names)}), the handler gave {len(inputs)}")
+        return torch.from_numpy(session.run(None, {n: t.detach().cpu().numpy() for n, t in zip(names, inputs, strict=True)})[0])
 
     where = f"GPU {device.index}" if used == "CUDAExecutionProvider" else "cpu"
     return Loaded(run, torch.device("cpu"), f"onnxruntime {used} on {where}, float32", differentiable=False, note=note)

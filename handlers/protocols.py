@@ -290,7 +290,7 @@ class KServeV1(Codec):
         return handler.decode_instances(v1_instances(document, handler.max_instances), request)
 
     def answer(self, handler: BatchHandler, item: Decoded, outputs: torch.Tensor, model: tuple[str, str | None]) -> Any:
-        return {"predictions": handler.encode_rows(outputs, item)}
+        return {"predictions": handler.encode_rows(outputs, item), **handler.answer_extras(item)}
 
     def explanation(self, handler: BatchHandler, item: Decoded, outputs: torch.Tensor, attributions: torch.Tensor,
                     model: tuple[str, str | None]) -> Any:

@@ -7,6 +7,7 @@ at build time that a worker runs at start-up.
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import logging
 import os
 import platform
@@ -79,12 +80,22 @@ def import_file(path: Path) -> ModuleType:
     return module
 
 
-def build_module(model_file: Path, class_name: str, kwargs: Mapping[str, Any]) -> nn.Module:
-    """Instantiate ``class_name`` from ``model_file`` with ``kwargs``."""
-    module = import_file(model_file)
-    cls = getattr(module, class_name, None)
+def module_class(model_file: Path, class_name: str) -> type[nn.Module]:
+    """The ``torch.nn.Module`` subclass named ``class_name`` in ``model_file``."""
+    cls = getattr(import_file(model_file), class_name, None)
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
         raise ModelLoadError(f"model file {model_file.name} defines no torch.nn.Module named {class_name!r}")
+    return cls
+
+
+def forward_parameters(model_file: Path, class_name: str) -> list[str]:
+    """The names of the parameters of the class's ``forward``, ``self`` left out."""
+    return [name for name in inspect.signature(module_class(model_file, class_name).forward).parameters if name != "self"]
+
+
+def build_module(model_file: Path, class_name: str, kwargs: Mapping[str, Any]) -> nn.Module:
+    """Instantiate ``class_name`` from ``model_file`` with ``kwargs``."""
+    cls = module_class(model_file, class_name)
     try:
         return cls(**dict(kwargs))
     except TypeError as err:

@@ -262,14 +262,16 @@ def timings(archive: Path, device: torch.device, scratch: Path, batches: Sequenc
     """Milliseconds per forward of ``archive`` on ``device`` as the engine runs it (copy in, compute, copy out)."""
     rows = []
     with serveready.load(archive, str(device), threads=0, into=scratch / f"time-{archive.stem}") as model:
-        shape = tuple(model.engine.model_options.sample_shape[1:])
+        sample = model.engine.sample_inputs
         for batch in batches:
-            ms = _time(model.engine.inference, torch.rand((batch, *shape)), device, repeats)
+            # Numbers random in [0, 1); integer inputs (token ids, masks) as the sample has them.
+            inputs = tuple(torch.rand((batch, *t.shape[1:])) if t.is_floating_point() else t[:1].expand(batch, *t.shape[1:]) for t in sample)
+            ms = _time(model.engine.inference, inputs, device, repeats)
             rows.append({"archive": archive.stem, "batch": batch, "ms": ms, "engine": model.runs_with})
     return rows
 
 
-def _time(run: Any, inputs: torch.Tensor, device: torch.device, repeats: int) -> float:
+def _time(run: Any, inputs: tuple[torch.Tensor, ...], device: torch.device, repeats: int) -> float:
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     times = []
     for i in range(repeats + 20):

@@ -65,7 +65,7 @@ def test_half_precision_runs_in_its_dtype_on_the_gpu(name: str, variant_builds: 
     handler, _ = _on_gpu(unpack(variant_builds[name].archive, tmp_path / name))
     dtype = "float16" if name.endswith("fp16") else "bfloat16"
     assert handler.engine.loaded.engine == f"torch {dtype} on cuda:0"
-    outputs = handler.engine.inference(torch.zeros((4, 1, 8, 8)))
+    outputs = handler.engine.inference((torch.zeros((4, 1, 8, 8)),))
     assert outputs.dtype == torch.float32 and outputs.device.type == "cpu"
 
 
