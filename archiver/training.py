@@ -177,8 +177,8 @@ def is_stale(spec: ModelSpec) -> bool:
     """True when there is something to (re)make: weights missing, or older than anything they come from.
 
     A model without a ``training:`` hook is never stale: its weights are the user's. A hook-trained
-    model whose ``data:`` file is missing is (the hook writes it). A missing input counts as newer,
-    so the run that follows names it.
+    model whose ``data:`` file or one of whose ``extra_files`` is missing is (the hook writes them: the
+    sentiment example's tokenizer). A missing input counts as newer, so the run that follows names it.
     """
     if spec.base is None and spec.training is None:
         return False
@@ -186,6 +186,8 @@ def is_stale(spec: ModelSpec) -> bool:
         return True
     if spec.base is None and spec.data_file is not None and not spec.data_file.path.exists():
         return True  # the hook writes the data file too: the report and the variants need it
+    if spec.base is None and not all(p.exists() for p in spec.extra_files):
+        return True  # files the hook makes beside the weights (a tokenizer)
     built = spec.weights.stat().st_mtime
     sources = [spec.source, spec.model_file, *made_by(spec)]
     if spec.base is not None:

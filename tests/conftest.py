@@ -180,6 +180,7 @@ def make_context(model_dir: Path, batch: int, gpu: int | None = None) -> Context
 
 
 digits_spec, digits_archive, digits_dir = model_fixtures("digits", trained)
+sentiment_spec, sentiment_archive, sentiment_dir = model_fixtures("sentiment", trained)
 
 
 def render_digit(
@@ -222,11 +223,11 @@ class VariantBuild:
 
 
 @pytest.fixture(scope="session")
-def variant_builds(net_spec: ModelSpec, digits_spec: ModelSpec, tmp_path_factory: pytest.TempPathFactory) -> dict[str, VariantBuild]:
+def variant_builds(net_spec: ModelSpec, digits_spec: ModelSpec, sentiment_spec: ModelSpec, tmp_path_factory: pytest.TempPathFactory) -> dict[str, VariantBuild]:
     """Every variant config of the repo, derived from the session's trained models and built."""
     from serveready.archiver.build import build_measured
 
-    bases = {"net": net_spec, "digits": digits_spec}
+    bases = {"net": net_spec, "digits": digits_spec, "sentiment": sentiment_spec}
     folder = tmp_path_factory.mktemp("variants")
     store = folder / "store"
     builds = {}
@@ -308,7 +309,7 @@ def example_module(example: str, name: str) -> Any:
     import importlib.util
     import sys
 
-    key = f"example_{example}_{name}"
+    key = f"example_{example}_{name.replace('/', '_')}"
     if key not in sys.modules:
         folder = str(EXAMPLES / example)
         if folder not in sys.path:
@@ -323,6 +324,19 @@ def example_module(example: str, name: str) -> Any:
 def net_split() -> dict[str, torch.Tensor]:
     """The generated regression task as the net example trains on it (net.yaml's training: seed 0, 2000 rows, 20% held out)."""
     return example_module("net", "train").make_regression(0, 2000, 10, 0.2, 0.1)
+
+
+def sentiment_split() -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+    """The Rotten Tomatoes reviews as the sentiment example splits them (seed 0, 20% held out): (train, held out)."""
+    train = example_module("sentiment", "train")
+    return train.split(train.load_reviews(train.corpus_path()), 0, 0.2)
+
+
+def sentiment_model(weights: Path) -> torch.nn.Module:
+    """The sentiment example's SentimentBag with ``weights``, computed here (outside any archive)."""
+    model = example_module("sentiment", "models/sentiment").SentimentBag()
+    model.load_state_dict(torch.load(weights, weights_only=True))
+    return model.eval()
 
 
 def digits_split() -> dict[str, torch.Tensor]:
