@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,6 @@ import yaml
 from torch import nn
 
 from serveready.handlers import BUILTINS, builtin
-from serveready.handlers.config import to_mapping
 from serveready.handlers.errors import ModelLoadError
 from serveready.handlers.runtime import build_module
 
@@ -25,7 +25,9 @@ from .errors import ArchiverError
 from .spec import load_spec
 
 #: ``--input`` choices: the built-in handlers, by the kind of input they take.
-INPUTS = {"tabular": "tabular", "image": "image_classifier"}
+INPUTS = {"tabular": "tabular", "image": "image_classifier", "text": "text_classifier"}
+#: what ``model.sample_shape`` means, by handler
+SHAPES = {"tabular": "[rows, features]", "image_classifier": "[batch, channels, height, width]", "text_classifier": "[batch, tokens]"}
 _COMMENT_COLUMN = 34
 
 
@@ -41,6 +43,7 @@ def init_config(
     data: Path | None = None,
     task: str | None = None,
     classes_file: Path | None = None,
+    tokenizer: Path | None = None,
     force: bool = False,
 ) -> Path:
     """Write ``configs/<name>.yaml`` for a model in the folder above ``configs`` and check that it loads.
@@ -58,7 +61,14 @@ def init_config(
         raise ArchiverError(f"{target} exists: edit it, or pass --force to overwrite it")
     model_path = _inside(Path(model_file), root, "--model-file")
     kwargs = dict(kwargs or {})
-    shape = tuple(sample_shape) if sample_shape else _infer_shape(root / model_path, class_name, kwargs, input_kind)
+    if sample_shape:
+        shape = tuple(sample_shape)
+    else:
+        shape = (2, 16) if input_kind == "text" else _infer_shape(root / model_path, class_name, kwargs, input_kind)
+    if input_kind == "text":
+        tokenizer = _inside(tokenizer, root, "--tokenizer") if tokenizer else Path("tokenizer.json")
+    elif tokenizer is not None:
+        raise ArchiverError("--tokenizer is for --input text")
     weights_path = _inside(weights, root, "--weights") if weights else Path("artifacts") / f"{name}.pt"
     text = render(
         name=name,
@@ -71,6 +81,7 @@ def init_config(
         data=_inside(data, root, "--data") if data else None,
         task=task,
         classes_file=_inside(classes_file, root, "--classes-file") if classes_file else None,
+        tokenizer=tokenizer,
     )
     configs.mkdir(parents=True, exist_ok=True)
     existed = target.read_text() if target.exists() else None
@@ -98,10 +109,11 @@ def render(
     data: Path | None,
     task: str | None,
     classes_file: Path | None,
+    tokenizer: Path | None = None,
 ) -> str:
     """The starter config's text."""
     options = builtin(handler).options_type
-    shape_doc = "[rows, features]" if handler == "tabular" else "[batch, channels, height, width]"
+    shape_doc = SHAPES[handler]
     lines = [
         f"# {name}: written by `ts-archive init` on {datetime.date.today().isoformat()}.",
         f"# `ts-archive build {name}` verifies, packs and measures it into model_store/{name}.mar.",
@@ -117,11 +129,14 @@ def render(
         "",
         _line(f"weights: {weights.as_posix()}", "the state_dict: torch.save(model.state_dict(), path)"),
     ]
-    if classes_file is not None:
-        lines.append(_line(f"extra_files: [{classes_file.as_posix()}]", "travels in the archive"))
+    extra = [p for p in (tokenizer, classes_file) if p is not None]
+    if extra:
+        lines.append(_line(f"extra_files: [{', '.join(p.as_posix() for p in extra)}]", "travel in the archive"))
     lines += ["", "handler:", _line(f"  entry: {handler}", f"built-in: {' | '.join(BUILTINS)}; or my_handler.py, or package.module:Class")]
     given = {"classes_file": classes_file.name} if classes_file is not None else {}
-    defaults = {**to_mapping(options()), **_examples(handler, sample_shape)}
+    if tokenizer is not None:
+        given["tokenizer"] = tokenizer.name
+    defaults = {**_defaults(options), **_examples(handler, sample_shape)}
     for spec in dataclasses.fields(options):
         doc = str(spec.metadata.get("doc", ""))
         if spec.name in given:
@@ -156,6 +171,12 @@ def render(
         "",
     ]
     return "\n".join(lines)
+
+
+def _defaults(options: type) -> dict[str, Any]:
+    """Each option's default as YAML writes it (enums as values, tuples as lists); required options have none."""
+    present = {f.name: f.default for f in dataclasses.fields(options) if f.default is not dataclasses.MISSING and f.default is not None}
+    return {k: v.value if isinstance(v, Enum) else list(v) if isinstance(v, tuple) else v for k, v in present.items()}
 
 
 def _examples(handler: str, sample_shape: tuple[int, ...]) -> dict[str, Any]:

@@ -208,14 +208,18 @@ class TextClassifierHandler(BatchHandler):
         # The baseline: the same text with every ordinary token replaced by padding ([CLS] and [SEP] stay).
         keep = torch.isin(ids, self.special_ids.to(ids.device))
         baseline = torch.where(keep, ids, torch.full_like(ids, self.pad_id))
-        attributions = LayerIntegratedGradients(forward, layer).attribute(
-            ids, baselines=baseline, target=target, additional_forward_args=tuple(rest) or None, n_steps=self.options.ig_steps)
+        try:
+            attributions = LayerIntegratedGradients(forward, layer).attribute(
+                ids, baselines=baseline, target=target, additional_forward_args=tuple(rest) or None, n_steps=self.options.ig_steps)
+        except AssertionError as err:  # captum's own check: the layer never ran as a module
+            raise ExplanationsUnavailable(f"handler.embedding_layer {self.options.embedding_layer!r} did not run as a module of this "
+                                          f"{self.model_options.format} model ({err}): ask the fp32 model") from None
         per_token = attributions.sum(dim=-1)
         mask = inputs[self.names_in.index("attention_mask")] if "attention_mask" in self.names_in else torch.ones_like(ids)
         return per_token * mask.to(per_token.dtype)
 
     def _embedding_layer(self, module: Any) -> torch.nn.Module:
-        if module is None:
+        if module is None or self.model_options.format == "exported":  # torch.export runs the layers' ops, not the layers
             raise ExplanationsUnavailable(f"text explanations attribute the model's {self.options.embedding_layer!r} layer, and this "
                                           f"archive's {self.model_options.format} model has no torch layers: ask the fp32 model")
         try:

@@ -61,13 +61,15 @@ def _init_options(sub: Any) -> None:
     i.add_argument("name", help="model name (letters, digits, _ - .)")
     i.add_argument("--model-file", type=Path, required=True, help="the Python file with the model class")
     i.add_argument("--class", dest="class_name", required=True, help="the torch.nn.Module subclass in it")
-    i.add_argument("--input", choices=list(INPUTS), required=True, help="what a request carries: rows of numbers, or an image")
-    i.add_argument("--sample-shape", type=int, nargs="+", help="a batch's shape, e.g. 2 30 or 2 3 224 224 (tabular: inferred from the first Linear)")
+    i.add_argument("--input", choices=list(INPUTS), required=True, help="what a request carries: rows of numbers, an image, or text")
+    i.add_argument("--sample-shape", type=int, nargs="+",
+                   help="a batch's shape, e.g. 2 30 or 2 3 224 224 (tabular: inferred from the first Linear; text: 2 16, [batch, tokens])")
     i.add_argument("--kwarg", action="append", default=[], help="a keyword argument of the class, name=value (repeatable)")
     i.add_argument("--weights", type=Path, help="the state_dict file (default: artifacts/NAME.pt)")
     i.add_argument("--data", type=Path, help="held-out data: a torch.save'd dict with x_test, y_test (optionally x_train, y_train)")
     i.add_argument("--task", choices=["classification", "regression"], help="what --data's y holds (default: classification)")
-    i.add_argument("--classes-file", type=Path, help="image classifiers: class names (JSON or one per line)")
+    i.add_argument("--classes-file", type=Path, help="classifiers: class names (JSON or one per line)")
+    i.add_argument("--tokenizer", type=Path, help="text: the Hugging Face tokenizer.json (default: tokenizer.json in the folder)")
     i.add_argument("--force", action="store_true", help="overwrite an existing config")
 
 def _kserve_options(sub: Any) -> None:
@@ -128,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
             path = init_config(
                 args.name, args.model_file, args.class_name, args.input, args.configs,
                 sample_shape=tuple(args.sample_shape) if args.sample_shape else None, kwargs=parse_kwargs(args.kwarg),
-                weights=args.weights, data=args.data, task=args.task, classes_file=args.classes_file, force=args.force,
+                weights=args.weights, data=args.data, task=args.task, classes_file=args.classes_file, tokenizer=args.tokenizer, force=args.force,
             )
             print(f"wrote {path}: check it, then `ts-archive build {args.name}`")
             return 0

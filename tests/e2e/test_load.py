@@ -1,7 +1,7 @@
 """Every archive of the repo's model store served side by side by one real TorchServe: within its fidelity
 bound of the fp32 model, and ``serveready.load(...).predict(...)`` answering what the worker answers, byte for byte.
 
-One TorchServe holds all 19 archives (the trained net and digits and every variant of them), each
+One TorchServe holds all 23 archives (the trained net, digits and sentiment and every variant of them), each
 registered with one worker and batch size 1, as the requests are sent one at a time; the same
 archives are loaded in-process. Each request (good ones in every protocol, and the bad ones a
 careless client sends) is sent to both; status, content type, reason phrase and body must be the
@@ -26,7 +26,7 @@ import serveready
 from serveready.handlers.host import Model
 from serveready.scripts.client import Management
 from serveready.scripts.runinfo import RunDir, TokenKind
-from tests.conftest import VariantBuild, digits_model, digits_split, reference_net, render_digit
+from tests.conftest import VariantBuild, digits_model, digits_split, reference_net, render_digit, sentiment_model
 from tests.e2e.conftest import serving
 
 ROWS = np.random.default_rng(21).normal(size=(3, 10)).astype(np.float32)
@@ -88,15 +88,53 @@ def image_requests() -> list[tuple[str, bytes, str | None, dict[str, str]]]:
     ]
 
 
+REVIEW = "A wonderful, moving film with a terrific cast."
+LONG_REVIEW = "a dull and tedious film " * 60  # more than max_length 128 tokens, fewer than max_chars
+
+
+def text_requests() -> list[tuple[str, bytes, str | None, dict[str, str]]]:
+    element = REVIEW.encode()
+    binary, headers = _binary_v2({"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "parameters": {"binary_data_size": 4 + len(element)}}]},
+                                 struct.pack("<I", len(element)) + element)
+    bad = b"\xff not utf-8"
+    bad_binary, bad_headers = _binary_v2({"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "parameters": {"binary_data_size": 4 + len(bad)}}]},
+                                         struct.pack("<I", len(bad)) + bad)
+    return [
+        ("one text", json.dumps({"text": REVIEW}).encode(), "application/json", {}),
+        ("text/plain", REVIEW.encode(), "text/plain", {}),
+        ("texts, top 1", json.dumps({"inputs": [REVIEW, "A boring mess.", LONG_REVIEW], "k": 1}).encode(), "application/json", {}),
+        ("truncated", json.dumps({"text": LONG_REVIEW}).encode(), "application/json", {}),
+        ("json without a content type", json.dumps({"text": REVIEW}).encode(), None, {}),
+        ("text/plain, not utf-8", b"caf\xe9 \xff", "text/plain", {}),
+        ("empty text", b'{"text": " "}', "application/json", {}),
+        ("a number for a text", b'{"inputs": ["fine", 3]}', "application/json", {}),
+        ("a lone surrogate", b'{"text": "bad \\ud800"}', "application/json", {}),
+        ("too many texts", json.dumps({"inputs": ["ok"] * 65}).encode(), "application/json", {}),
+        ("too many characters", json.dumps({"text": "x" * 10_001}).encode(), "application/json", {}),
+        ("k out of range", json.dumps({"text": REVIEW, "k": 3}).encode(), "application/json", {}),
+        ("kserve v1", json.dumps({"instances": [REVIEW, {"text": "A boring mess."}]}).encode(), "application/json", {}),
+        ("v2 bytes", _v2([REVIEW, "A boring mess."], [2], "BYTES"), "application/json", {}),
+        ("v2 binary bytes", binary, "application/octet-stream", headers),
+        ("v2 binary, not utf-8", bad_binary, "application/octet-stream", bad_headers),
+        ("v2 numbers", _v2([1.0, 2.0], [1, 2]), "application/json", {}),
+    ]
+
+
 #: the requests of the corpora that must be refused (400); every other one is answered (200)
 REFUSED = {"a row too short", "not json", "not utf-8", "form-encoded", "a JSON list", "a huge integer", "kserve v1, empty",
-           "v2 int8 out of range", "v2 binary cut short", "not an image", "truncated png", "k out of range", "v2 bad base64"}
+           "v2 int8 out of range", "v2 binary cut short", "not an image", "truncated png", "k out of range", "v2 bad base64",
+           "text/plain, not utf-8", "empty text", "a number for a text", "a lone surrogate", "too many texts", "too many characters",
+           "v2 binary, not utf-8", "v2 numbers"}
+
+
+def corpus_of(name: str) -> list[tuple[str, bytes, str | None, dict[str, str]]]:
+    return tabular_requests() if name.startswith("net") else text_requests() if name.startswith("sentiment") else image_requests()
 
 
 @pytest.fixture(scope="module")
-def everything(net_archive: Path, digits_archive: Path, variant_builds: dict[str, VariantBuild],
+def everything(net_archive: Path, digits_archive: Path, sentiment_archive: Path, variant_builds: dict[str, VariantBuild],
                tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RunDir, dict[str, Path]]]:
-    archives = {"net": net_archive, "digits": digits_archive, **{name: b.archive for name, b in variant_builds.items()}}
+    archives = {"net": net_archive, "digits": digits_archive, "sentiment": sentiment_archive, **{name: b.archive for name, b in variant_builds.items()}}
     with serving(list(archives.values()), tmp_path_factory.mktemp("load")) as run:
         management = Management.from_run(run)
         with ThreadPoolExecutor(4) as pool:  # the workers start side by side (each imports torch)
@@ -124,7 +162,7 @@ def test_load_answers_what_torchserve_answers(name: str, everything: tuple[RunDi
     run, archives = everything
     with serveready.load(archives[name], into=tmp_path / "unpacked") as model:
         assert isinstance(model, Model) and model.name == name
-        corpus = tabular_requests() if name.startswith("net") else image_requests()
+        corpus = corpus_of(name)
         for what, body, content_type, headers in corpus:
             answer = model.predict(body, content_type, headers)
             _same(_served(run, name, body, content_type, headers, "predictions"), answer, what)
@@ -138,17 +176,31 @@ def test_load_answers_what_torchserve_answers(name: str, everything: tuple[RunDi
 VARIANTS = sorted(p.stem for p in (Path(__file__).resolve().parents[2] / "model_configs").glob("*_*.yaml"))
 FIDELITY_ROWS = np.random.default_rng(7).normal(size=(16, 10)).astype(np.float32)
 FIDELITY_IMAGES = digits_split()["x_test"][:8]
+FIDELITY_TEXTS = [REVIEW, "A boring, tedious mess.", "It has a few good scenes but the plot makes no sense.", LONG_REVIEW]
 
 
 @pytest.mark.parametrize("name", VARIANTS)
 def test_variant_serves_within_its_bound(name: str, variant_builds: dict[str, VariantBuild], everything: tuple[RunDir, dict[str, Path]],
-                                         net_spec, digits_spec) -> None:  # noqa: ANN001
+                                         net_spec, digits_spec, sentiment_spec) -> None:  # noqa: ANN001
     """The same request to the variant and to its fp32 model computed here: within the variant's max_abs_diff."""
     run, _ = everything
     build = variant_builds[name]
     bound = build.spec.fidelity.max_abs_diff
     assert bound is not None, f"{name}.yaml sets no fidelity.max_abs_diff: nothing to hold it to"
-    if build.row["base"] == "net":
+    if build.row["base"] == "sentiment":
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_file(str(sentiment_spec.extra_files[0]))
+        tokenizer.enable_truncation(128)
+        tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")
+        encodings = tokenizer.encode_batch(FIDELITY_TEXTS)
+        with torch.inference_mode():
+            logits = sentiment_model(sentiment_spec.weights)(torch.tensor([e.ids for e in encodings]), torch.tensor([e.attention_mask for e in encodings]))
+        reply = _served(run, name, json.dumps({"inputs": FIDELITY_TEXTS}).encode(), "application/json", {}, "predictions")
+        assert reply.status_code == 200, reply.text
+        answered = [[{p["index"]: p["probability"] for p in row}[i] for i in range(2)] for row in reply.json()["predictions"]]
+        assert np.abs(np.array(answered) - torch.softmax(logits, dim=1).numpy()).max() <= bound
+    elif build.row["base"] == "net":
         reply = _served(run, name, json.dumps({"inputs": FIDELITY_ROWS.tolist()}).encode(), "application/json", {}, "predictions")
         assert reply.status_code == 200, reply.text
         assert np.abs(np.array(reply.json()["predictions"]) - reference_net(net_spec.weights, FIDELITY_ROWS)).max() <= bound

@@ -1,4 +1,4 @@
-"""Archives on a plain TorchServe host: torch, torchserve and pyyaml only.
+"""Archives on a plain TorchServe host: torch, torchserve and pyyaml only (and tokenizers, which text archives need).
 
 No numpy, no captum, no onnxruntime, no copy of this library: the environment
 `make test` builds in .venv-plain. Its workers run on that environment's Python.
@@ -15,15 +15,17 @@ import pytest
 import torch
 
 from serveready.scripts.runinfo import RunDir
-from tests.conftest import RGB_HANDLER, ImageProject, VariantBuild, digits_model, digits_split, reference_net, render_digit
+from tests.conftest import RGB_HANDLER, ImageProject, VariantBuild, digits_model, digits_split, reference_net, render_digit, sentiment_model
 from tests.e2e.conftest import PLAIN, Api, plain_launcher, serving
 from tests.e2e.test_serve import ts_manage
 
 
 @pytest.fixture(scope="module")
-def plain(net_archive: Path, digits_archive: Path, variant_builds: dict[str, VariantBuild], rgb_project: ImageProject, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunDir]:
+def plain(net_archive: Path, digits_archive: Path, sentiment_archive: Path, variant_builds: dict[str, VariantBuild], rgb_project: ImageProject,
+          tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunDir]:
     launcher = plain_launcher()
-    archives = [net_archive, digits_archive, rgb_project.archive] + [variant_builds[n].archive for n in ("digits_int8_static", "net_exported", "net_onnx")]
+    archives = [net_archive, digits_archive, sentiment_archive, rgb_project.archive]
+    archives += [variant_builds[n].archive for n in ("digits_int8_static", "net_exported", "net_onnx", "sentiment_exported")]
     with serving(archives, tmp_path_factory.mktemp("plain"), torchserve=str(launcher)) as run:
         yield run
 
@@ -31,7 +33,7 @@ def plain(net_archive: Path, digits_archive: Path, variant_builds: dict[str, Var
 def test_the_host_really_is_plain() -> None:
     site = next((PLAIN / "lib").glob("python3*/site-packages"))
     present = {p.name.split("-")[0].lower() for p in site.iterdir()}
-    assert {"torch", "torchserve", "yaml"} <= present
+    assert {"torch", "torchserve", "yaml", "tokenizers"} <= present
     assert not {"numpy", "captum", "onnxruntime", "handlers", "archiver", "serveready"} & present
 
 
@@ -81,3 +83,26 @@ def test_an_ordinary_image_classifier_serves_photos(plain: RunDir, rgb_project: 
     top = expected.topk(2)
     assert [p["class"] for p in reply.json()["predictions"]] == [["cat", "dog", "bird", "fish"][i] for i in top.indices.tolist()]
     np.testing.assert_allclose([p["probability"] for p in reply.json()["predictions"]], top.values.numpy(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["sentiment", "sentiment_exported"])
+def test_text_archives_serve_what_the_model_computes_here(plain: RunDir, sentiment_spec, name: str) -> None:  # noqa: ANN001
+    from tokenizers import Tokenizer
+
+    assert ts_manage(plain, "register", f"{name}.mar").returncode == 0
+    texts = ["A wonderful, moving film.", "A boring, tedious mess that never ends."]
+    tokenizer = Tokenizer.from_file(str(sentiment_spec.extra_files[0]))
+    tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")
+    encodings = tokenizer.encode_batch(texts)
+    with torch.inference_mode():
+        logits = sentiment_model(sentiment_spec.weights)(torch.tensor([e.ids for e in encodings]), torch.tensor([e.attention_mask for e in encodings]))
+    reply = Api(plain).predict(name, json.dumps({"inputs": texts}))
+    assert reply.status_code == 200, reply.text
+    answered = [[{p["index"]: p["probability"] for p in row}[i] for i in range(2)] for row in reply.json()["predictions"]]
+    np.testing.assert_allclose(answered, torch.softmax(logits, dim=1).numpy(), rtol=1e-5, atol=1e-6)
+    plain_text = Api(plain).predict(name, texts[0].encode(), content_type="text/plain")
+    assert plain_text.status_code == 200 and plain_text.json()["predictions"][0]["class"] == "positive"
+    refused = Api(plain).predict(name, b"caf\xe9 \xff", content_type="text/plain")
+    assert refused.status_code == 400 and refused.json()["message"] == "the body is not UTF-8 text: invalid continuation byte at byte 3"
+    explained = Api(plain).predict(name, json.dumps({"text": texts[0]}), endpoint="explanations")
+    assert explained.status_code == 501 and "explanations need" in explained.json()["message"]

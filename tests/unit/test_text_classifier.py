@@ -322,3 +322,26 @@ def test_a_tokenizer_missing_from_the_archive_fails_the_build(project: TextProje
             build(load_spec(path), tmp_path / "store")
     finally:
         path.unlink()
+
+
+def test_init_writes_a_text_config_that_builds_and_serves(project: TextProject, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from serveready.scripts.archive import main as ts_archive
+
+    folder = tmp_path / "mine"
+    (folder / "models").mkdir(parents=True)
+    for name in ("models/tiny_bert.py", "tokenizer.json", "classes.txt", "tiny_bert.pt"):
+        (folder / name).write_bytes((project.folder / name).read_bytes())
+    monkeypatch.chdir(folder)
+    vocab = project.tokenizer.get_vocab_size()
+    args = ["init", "mybert", "--model-file", "models/tiny_bert.py", "--class", "TinyBert", "--input", "text", "--kwarg", f"vocab={vocab}",
+            "--weights", "tiny_bert.pt", "--classes-file", "classes.txt"]
+    assert ts_archive(args) == 0
+    text = (folder / "model_configs" / "mybert.yaml").read_text()
+    for line in ("entry: text_classifier", "extra_files: [tokenizer.json, classes.txt]", "tokenizer: tokenizer.json", "sample_shape: [2, 16]",
+                 "# max_length: 128", "# embedding_layer: embedding"):
+        assert line in text, line
+    assert ts_archive(["build"]) == 0
+    with serveready.load(folder / "model_store" / "mybert.mar", into=tmp_path / "unpacked") as model:
+        answer = model.predict(b"a wonderful film", "text/plain")
+    [want], _ = expected(project, ["a wonderful film"])
+    torch.testing.assert_close(torch.tensor(_probabilities(json.loads(answer.body)["predictions"])), want, rtol=1e-5, atol=1e-6)
