@@ -1,10 +1,12 @@
-"""Ask TorchServe why a model chose a class, and save the answer as a heat-map PNG.
+"""Ask TorchServe why a model chose a class, and save the answer as a picture.
 
     ts-explain image.png [more.png ...] [--model digits] [--run-dir run/default]
+    ts-explain review.txt --model sentiment
 
-Posts each image to ``/explanations/<model>`` (Integrated Gradients, computed by
-the handler) and writes ``<image>.explanation.png`` next to it: the image, the
-8x8 input the model saw, and the per-pixel attributions for the predicted class.
+Posts each file to ``/explanations/<model>`` (Integrated Gradients, computed by the
+handler) and writes ``<file>.explanation.png`` next to it. An image gets the image, the
+input the model saw, and the per-pixel attributions for the predicted class; a text
+(``.txt``, sent as text/plain) gets its tokens, each shaded by its attribution.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ from serveready.handlers.errors import ServereadyError
 from .client import Inference
 from .runinfo import RunDir, ScriptError
 
-CONTENT_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg"}
+CONTENT_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".txt": "text/plain; charset=utf-8"}
+#: characters per line of a text explanation's picture
+_LINE_CHARS = 60
 
 
 def explain(run: RunDir, model: str, image: Path, timeout: float = 60.0) -> dict[str, Any]:
@@ -47,15 +51,60 @@ def heatmap_path(image: Path) -> Path:
     return image.with_name(f"{image.stem}.explanation.png")
 
 
-def save_heatmap(image: Path, result: dict[str, Any], out: Path) -> Path:
-    """Draw the image, the model's 8x8 input and the attributions side by side."""
+def _pyplot() -> Any:
     try:
         import matplotlib
-        import numpy as np
     except ImportError:
         raise ScriptError("ts-explain draws with matplotlib: pip install 'serveready[explain]'") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_explanation(sent: Path, result: dict[str, Any], out: Path) -> Path:
+    """The picture for what the handler answered: a text's shaded tokens, or an image's heat-map."""
+    return save_text_explanation(result, out) if "tokens" in result else save_heatmap(sent, result, out)
+
+
+def save_text_explanation(result: dict[str, Any], out: Path) -> Path:
+    """Each token in a box shaded by its attribution (red: towards the predicted class, blue: against), wrapped into lines."""
+    plt = _pyplot()
+    from matplotlib import colormaps
+
+    tokens, values = result["tokens"], [float(v) for v in result["attributions"]]
+    limit = max((abs(v) for v in values), default=0.0) or 1.0
+    lines: list[list[tuple[str, float]]] = [[]]
+    used = 0
+    for token, value in zip(tokens, values, strict=True):
+        if used + len(token) + 1 > _LINE_CHARS and lines[-1]:
+            lines.append([])
+            used = 0
+        lines[-1].append((token, value))
+        used += len(token) + 1
+    fig, axis = plt.subplots(figsize=(9, 1.2 + 0.45 * len(lines)))
+    axis.set_xlim(0, _LINE_CHARS)
+    axis.set_ylim(len(lines), -0.5)
+    axis.axis("off")
+    colours = colormaps["RdBu_r"]
+    for row, line in enumerate(lines):
+        x = 0.0
+        for token, value in line:
+            axis.text(x, row + 0.3, token, family="monospace", fontsize=11, va="center",
+                      bbox={"facecolor": colours(0.5 + 0.5 * value / limit), "edgecolor": "none", "pad": 2})
+            x += len(token) + 1
+    top = result["predictions"][0]
+    axis.set_title(f"predicted {top['class']} with probability {top['probability']:.3f} (red: pushed towards it)")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def save_heatmap(image: Path, result: dict[str, Any], out: Path) -> Path:
+    """Draw the image, the model's input and the attributions side by side."""
+    plt = _pyplot()
+    import numpy as np
     from PIL import Image
 
     attributions = np.asarray(result["attributions"], dtype=float)
@@ -88,9 +137,9 @@ def save_heatmap(image: Path, result: dict[str, Any], out: Path) -> Path:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ts-explain", description="Save a heat-map of why the model chose its class.")
-    parser.add_argument("images", nargs="+", type=Path, help="PNG or JPEG files")
-    parser.add_argument("--model", default="digits", help="the registered image classifier to ask (default: %(default)s, as in 0.2)")
+    parser = argparse.ArgumentParser(prog="ts-explain", description="Save a picture of why the model chose its class.")
+    parser.add_argument("images", nargs="+", type=Path, help="PNG or JPEG files, or .txt files for a text classifier")
+    parser.add_argument("--model", default="digits", help="the registered classifier to ask (default: %(default)s, as in 0.2)")
     parser.add_argument("--run-dir", type=Path, default=Path(os.environ.get("TS_RUN_DIR", "run/default")), help="the server's folder (default: %(default)s)")
     return parser
 
@@ -101,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for image in args.images:
             result = explain(run, args.model, image)
-            out = save_heatmap(image, result, heatmap_path(image))
+            out = save_explanation(image, result, heatmap_path(image))
             top = result["predictions"][0]
             print(f"{image}: {top['class']} ({top['probability']:.3f}) -> {out}")
     except ServereadyError as err:
