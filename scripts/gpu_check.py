@@ -45,6 +45,8 @@ from serveready.handlers.archive import Archive
 from serveready.handlers.config import DeviceType
 from serveready.handlers.errors import ServereadyError
 from serveready.handlers.host import Model
+from serveready.handlers.inputs import Inputs, as_inputs, select
+from serveready.handlers.inputs import rows as rows_of
 from serveready.handlers.runtime import machine
 
 from .client import Inference, Management
@@ -122,24 +124,41 @@ def gpu_memory_mib() -> dict[int, float]:
 
 # -- requests and their answers -----------------------------------------------------
 
-def model_inputs(reference: Model, data: Sequence[torch.Tensor], rows: int) -> torch.Tensor:
-    """``rows`` model inputs for an archive: the first data file's whose shape fits, else seeded random ones."""
-    shape = tuple(reference.engine.model_options.sample_shape[1:])
+def model_inputs(reference: Model, data: Sequence[Inputs], rows: int) -> Inputs:
+    """``rows`` model inputs for an archive: the first data file's that fit its sample inputs (same inputs, the
+    same sizes where they do not vary), else seeded random ones (numbers in [0, 1), token ids from 5 to 99)."""
+    engine = reference.engine
+    sample = engine.sample_inputs
+    varying = set(engine.handler.dynamic_dims(engine.options, engine.model_options))
     for x_test in data:
-        if tuple(x_test.shape[1:]) == shape:
-            return x_test[:rows].float()
-    return torch.rand((rows, *shape), generator=torch.Generator().manual_seed(11))
+        if len(x_test) == len(sample) and all(
+            t.ndim == s.ndim and t.is_floating_point() == s.is_floating_point()
+            and all(a == b for d, (a, b) in enumerate(zip(t.shape, s.shape, strict=True)) if d and d not in varying)
+            for t, s in zip(x_test, sample, strict=True)
+        ):
+            return tuple(t[:rows] for t in x_test)
+    generator = torch.Generator().manual_seed(11)
+    return tuple(torch.rand((rows, *s.shape[1:]), generator=generator) if s.is_floating_point()
+                 else (torch.randint(5, 100, (rows, *s.shape[1:]), generator=generator) if i == 0 else torch.ones((rows, *s.shape[1:]), dtype=torch.long))
+                 for i, s in enumerate(sample))
 
 
-def v2_bodies(reference: Model, inputs: torch.Tensor) -> list[bytes]:
-    """Open Inference Protocol v2 requests carrying ``inputs``, as many as the handler's max_instances allows each."""
+def v2_bodies(reference: Model, inputs: Inputs) -> list[bytes]:
+    """Open Inference Protocol v2 requests carrying ``inputs`` (as the handler's ``instance_of`` makes each row
+    a request input: numbers as FP32, texts as BYTES), as many as the handler's max_instances allows each."""
     handler = reference.handler
-    per = max(1, min(handler.max_instances, len(inputs)))
+    count = rows_of(inputs)
+    per = max(1, min(handler.max_instances, count))
     bodies = []
-    for chunk in inputs.split(per):
-        values = torch.tensor([handler.instance_of(row) for row in chunk], dtype=torch.float32)
-        bodies.append(json.dumps({"inputs": [{"name": "input", "shape": list(values.shape), "datatype": "FP32",
-                                              "data": values.flatten().tolist()}]}).encode())
+    for first in range(0, count, per):
+        chunk = [select(inputs, i) for i in range(first, min(first + per, count))]
+        values = [handler.instance_of(row[0] if len(row) == 1 else row) for row in chunk]
+        if all(isinstance(v, str) for v in values):
+            spec = {"name": "input", "shape": [len(values)], "datatype": "BYTES", "data": values}
+        else:
+            numbers = torch.tensor(values, dtype=torch.float32)
+            spec = {"name": "input", "shape": list(numbers.shape), "datatype": "FP32", "data": numbers.flatten().tolist()}
+        bodies.append(json.dumps({"inputs": [spec]}).encode())
     return bodies
 
 
@@ -190,7 +209,7 @@ def _reference_answers(reference: Model, bodies: Sequence[bytes]) -> list[Any]:
     return [a.json() for a in answers]
 
 
-def check_archive(management: Management, api: Inference, archive: Path, device: DeviceType, data: Sequence[torch.Tensor], rows: int,
+def check_archive(management: Management, api: Inference, archive: Path, device: DeviceType, data: Sequence[Inputs], rows: int,
                   scratch: Path) -> tuple[ArchiveCheck, list[bytes], list[Any]]:
     """Register, compare, note memory, unregister; also the bodies and CPU answers the load reuses."""
     name = archive.name.removesuffix(".mar")
@@ -337,11 +356,12 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _data(paths: Sequence[Path]) -> list[torch.Tensor]:
+def _data(paths: Sequence[Path]) -> list[Inputs]:
     found = []
     for path in paths:
         try:
-            found.append(torch.load(path, map_location="cpu", weights_only=True)["x_test"])
+            x_test = torch.load(path, map_location="cpu", weights_only=True)["x_test"]
+            found.append(tuple(t.float() if t.is_floating_point() else t.long() for t in as_inputs(x_test)))
         except (OSError, KeyError, TypeError, RuntimeError) as err:
             raise ScriptError(f"--data {path}: not a torch.save'd dict with x_test ({err})") from None
     return found

@@ -244,8 +244,9 @@ def info(run_dir: Path) -> str:
     ]
     kinds = {m: _input_kind(run.model_store / f"{m}.mar") for m in models}
     # One model of each kind, the shortest name first (net before net_int8): what a first curl needs.
-    shown = [min(found, key=len) for kind in ("rows", "image") if (found := [m for m, k in kinds.items() if k == kind])] or models[:3]
+    shown = [min(found, key=len) for kind in ("rows", "image", "text") if (found := [m for m, k in kinds.items() if k == kind])] or models[:3]
     image = "docs/images/digit.png" if Path("docs/images/digit.png").is_file() else "image.png"
+    review = "docs/review.txt" if Path("docs/review.txt").is_file() else "review.txt"
     for m in shown:
         kind = kinds.get(m)
         if kind == "rows":
@@ -253,25 +254,35 @@ def info(run_dir: Path) -> str:
             lines.append(f"  curl {auth}-H 'Content-Type: application/json' -d '{{\"inputs\": [{', '.join(['0.5'] * width)}]}}' {url}/predictions/{m}")
         elif kind == "image":
             lines.append(f"  curl {auth}-H 'Content-Type: image/png' --data-binary @{image} {url}/predictions/{m}")
+        elif kind == "text":
+            lines.append(f"  curl {auth}-H 'Content-Type: text/plain' --data-binary @{review} {url}/predictions/{m}")
         else:
             lines.append(f"  curl {auth}-H 'Content-Type: application/json' -d @request.json {url}/predictions/{m}")
-    explained = [m for m in shown if kinds.get(m) == "image"]
-    if explained:
-        heatmap = Path(image).with_name(f"{Path(image).stem}.explanation.png")
-        lines.append(f"  {os.path.relpath(Path(sys.executable).parent / 'ts-explain')} {image} --model {explained[0]}      # writes {heatmap}")
+    for kind, sent in (("image", image), ("text", review)):
+        explained = [m for m in shown if kinds.get(m) == kind]
+        if explained:
+            picture = Path(sent).with_name(f"{Path(sent).stem}.explanation.png")
+            lines.append(f"  {os.path.relpath(Path(sys.executable).parent / 'ts-explain')} {sent} --model {explained[0]}      # writes {picture}")
     return "\n".join(lines)
 
 
-def _model_shape(archive: Path) -> list[int]:
+def _model_config(archive: Path) -> dict:
     try:
-        return list(((Archive(archive).config.get("model") or {}).get("sample_shape")) or [])
+        return Archive(archive).config
     except ServereadyError:  # an archive not in the store (registered from elsewhere) or unreadable: no example
-        return []
+        return {}
+
+
+def _model_shape(archive: Path) -> list[int]:
+    return list(((_model_config(archive).get("model") or {}).get("sample_shape")) or [])
 
 
 def _input_kind(archive: Path) -> str:
-    """What a request to the archive's model carries, as far as its model-config tells: rows, an image, or other."""
-    shape = _model_shape(archive)
+    """What a request to the archive's model carries, as far as its model-config tells: text, rows, an image, or other."""
+    config = _model_config(archive)
+    if "tokenizer" in (config.get("handler") or {}):
+        return "text"
+    shape = list(((config.get("model") or {}).get("sample_shape")) or [])
     return "rows" if len(shape) == 2 else "image" if len(shape) == 4 and shape[1] in (1, 3) else "other"
 
 

@@ -97,3 +97,20 @@ def test_explanations_over_http_and_the_text_picture(sentiment: RunDir, tmp_path
     assert explain.main(["--run-dir", str(sentiment.path), str(review), "--model", "sentiment"]) == 0
     with Image.open(explain.heatmap_path(review)) as picture:
         assert picture.size[0] == 900 and picture.size[1] > 100
+
+
+def test_info_prints_a_text_curl_line_that_works(sentiment: RunDir) -> None:
+    import shlex
+    import subprocess
+    import sys
+
+    done = subprocess.run([str(Path(sys.executable).parent / "ts-server"), "--run-dir", str(sentiment.path), "info"], capture_output=True,
+                          text=True, timeout=60, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    [line] = [line.strip() for line in done.stdout.splitlines() if line.strip().startswith("curl") and line.strip().endswith("/predictions/sentiment")]
+    words = shlex.split(line)
+    assert "Content-Type: text/plain" in words and "@docs/review.txt" in words
+    headers = dict(words[i + 1].split(": ", 1) for i, w in enumerate(words) if w == "-H")
+    reply = requests.post(words[-1], data=(ROOT / "docs" / "review.txt").read_bytes(), headers=headers, timeout=30)
+    assert reply.status_code == 200 and reply.json()["predictions"][0]["class"] == "positive"
+    assert "ts-explain docs/review.txt --model sentiment" in done.stdout
