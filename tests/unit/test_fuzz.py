@@ -1,4 +1,4 @@
-"""Property-based fuzzing of both handlers' request parsing through TorchServe's own Context.
+"""Property-based fuzzing of the handlers' request parsing, through TorchServe's own Context and in-process.
 
 Whatever a careless or hostile client sends (any JSON value, as TorchServe hands it over after
 decoding application/json; any byte string; anything that starts like an image), its request
@@ -136,6 +136,41 @@ def test_in_process_any_request_gets_an_answer_or_a_4xx(loaded: Any, body: bytes
     good = {"inputs": [0.1] * 10} if which == 0 else {"inputs": [[0] * 8] * 8}
     answer, other = model.predict_batch([(body, content_type, sent), (good, None)])
     assert answer.status == 200 or 400 <= answer.status < 500, (answer, body[:80])
+    if answer.status != 200:
+        document = json.loads(answer.body)
+        message = document["error"] if set(document) == {"error"} else document["message"]
+        assert isinstance(message, str) and message and answer.reason == message
+    assert other.status == 200 and "predictions" in other.json()
+
+
+#: any Unicode text, lone surrogates included (JSON can carry them as \ud800 escapes)
+any_text = st.text(st.characters(exclude_categories=()), max_size=60)
+text_bodies = (
+    bodies
+    | st.fixed_dictionaries({"text": any_text | json_values}, optional={"k": json_values})
+    | st.fixed_dictionaries({"inputs": st.lists(any_text | json_values, max_size=6)}, optional={"k": json_values})
+    | st.fixed_dictionaries({"instances": st.lists(any_text | st.fixed_dictionaries({"text": any_text | json_values}), max_size=6)})
+    | any_text.map(lambda t: t.encode("utf-8", "surrogatepass"))
+)
+
+
+@pytest.fixture(scope="module")
+def text_model(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    import serveready
+    from tests.unit.test_text_classifier import text_project
+
+    project = text_project(tmp_path_factory.mktemp("fuzz-text"))
+    model = serveready.load(project.archive, threads=0, into=tmp_path_factory.mktemp("fuzz-text-unpacked"))
+    yield model
+    model.close()
+
+
+@FUZZ
+@given(body=text_bodies, content_type=content_types, sent=headers)
+def test_text_classifier_answers_any_request_with_a_prediction_or_a_4xx(text_model: Any, body: Any, content_type: str | None, sent: dict) -> None:
+    raw = body if isinstance(body, (bytes, bytearray)) else json.dumps(body).encode()
+    answer, other = text_model.predict_batch([(raw, content_type, sent), (b'{"text": "a wonderful film"}', "application/json")])
+    assert answer.status == 200 or 400 <= answer.status < 500, (answer, raw[:80])
     if answer.status != 200:
         document = json.loads(answer.body)
         message = document["error"] if set(document) == {"error"} else document["message"]
