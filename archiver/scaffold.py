@@ -25,9 +25,10 @@ from .errors import ArchiverError
 from .spec import load_spec
 
 #: ``--input`` choices: the built-in handlers, by the kind of input they take.
-INPUTS = {"tabular": "tabular", "image": "image_classifier", "text": "text_classifier"}
+INPUTS = {"tabular": "tabular", "image": "image_classifier", "text": "text_classifier", "audio": "audio_classifier"}
 #: what ``model.sample_shape`` means, by handler
-SHAPES = {"tabular": "[rows, features]", "image_classifier": "[batch, channels, height, width]", "text_classifier": "[batch, tokens]"}
+SHAPES = {"tabular": "[rows, features]", "image_classifier": "[batch, channels, height, width]", "text_classifier": "[batch, tokens]",
+          "audio_classifier": "[batch, samples] (features: waveform) or [batch, n_mels, frames] (log_mel)"}
 _COMMENT_COLUMN = 34
 
 

@@ -11,8 +11,8 @@ TorchServe host needs torch and Pillow, nothing of this library, to serve it.
     archive       the .mar layout: sums, manifest, model-config, version, signature
     errors        the one error tree (each error carries its HTTP status and exit code)
     config        typed options, validated once
-    tabular, image_classifier, text_classifier   the built-in handlers
-    payload, images, labels, inputs, loaders, runtime, observe   their pieces
+    tabular, image_classifier, text_classifier, audio_classifier   the built-in handlers
+    payload, images, audio, labels, inputs, loaders, runtime, observe   their pieces
 
 Built-in handlers are named in a model config by their key in :data:`BUILTINS`
 (``handler: {entry: tabular}``); a handler of one's own subclasses :class:`BatchHandler`.
@@ -26,7 +26,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from .config import DeviceType, HandlerOptions, ImageOptions, ModelOptions, TabularOptions, TextOptions, option, parse
+from .config import AudioOptions, DeviceType, HandlerOptions, ImageOptions, ModelOptions, TabularOptions, TextOptions, option, parse
 from .errors import (
     ArchiveError,
     ArchiverError,
@@ -39,6 +39,7 @@ from .errors import (
     ScriptError,
     ServereadyError,
     ServerError,
+    UnsupportedMediaType,
 )
 
 #: Handlers a model config names by key instead of by path: key -> "module:Class".
@@ -46,6 +47,7 @@ BUILTINS: dict[str, str] = {
     "tabular": "serveready.handlers.tabular:TabularHandler",
     "image_classifier": "serveready.handlers.image_classifier:ImageClassifierHandler",
     "text_classifier": "serveready.handlers.text_classifier:TextClassifierHandler",
+    "audio_classifier": "serveready.handlers.audio_classifier:AudioClassifierHandler",
 }
 
 _LAZY = {
@@ -57,6 +59,7 @@ _LAZY = {
     "Answer": "host", "Model": "host", "load": "host",
     "Archive": "archive",
     "TabularHandler": "tabular", "ImageClassifierHandler": "image_classifier", "TextClassifierHandler": "text_classifier",
+    "AudioClassifierHandler": "audio_classifier",
 }
 
 
@@ -80,6 +83,8 @@ __all__ = [
     "BUILTINS",
     "BUILTIN_HANDLERS",
     "Answer",
+    "AudioClassifierHandler",
+    "AudioOptions",
     "Archive",
     "ArchiveError",
     "ArchiverError",
@@ -109,6 +114,7 @@ __all__ = [
     "TextClassifierHandler",
     "TextOptions",
     "TorchServeEntry",
+    "UnsupportedMediaType",
     "builtin",
     "decode_json",
     "json_field",

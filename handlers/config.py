@@ -259,6 +259,30 @@ class TextOptions(HandlerOptions):
 
 
 @dataclass(frozen=True, kw_only=True)
+class AudioOptions(HandlerOptions):
+    """A clip in, its top-k classes out: any WAV (or what soundfile reads) made mono, resampled, padded or trimmed."""
+
+    sample_rate: int = option(16000, minimum=1000, maximum=384000, doc="Hz the model takes; every clip is resampled to it")
+    features: Literal["waveform", "log_mel"] = option("waveform", doc="waveform: [batch, samples] in [-1, 1]; log_mel: [batch, n_mels, frames]")
+    n_fft: int = option(400, minimum=16, doc="log_mel: FFT size and Hann window length (torchaudio's MelSpectrogram)")
+    hop_length: int = option(160, minimum=1, doc="log_mel: samples between frames")
+    n_mels: int = option(64, minimum=1, doc="log_mel: mel bands")
+    f_min: float = option(0.0, minimum=0, doc="log_mel: lowest frequency, Hz")
+    f_max: float | None = option(None, minimum=1, doc="log_mel: highest frequency, Hz (default: sample_rate / 2)")
+    max_seconds: float = option(30.0, minimum=0.01, doc="longer clips get 400, judged from the header before decoding")
+    max_channels: int = option(8, minimum=1, doc="clips with more channels get 400")
+    classes_file: str | None = option(None, doc="class names: JSON {index: name} or [names], or text with one name per line")
+    top_k: int = option(3, minimum=1, doc="classes answered by default; a request may ask for 1..classes")
+
+    def __post_init__(self) -> None:
+        top = self.f_max if self.f_max is not None else self.sample_rate / 2
+        if top > self.sample_rate / 2 or self.f_min >= top:
+            raise ConfigError(f"f_min {self.f_min:g} and f_max {top:g} must satisfy 0 <= f_min < f_max <= sample_rate / 2 ({self.sample_rate / 2:g})")
+        if self.hop_length > self.n_fft:
+            raise ConfigError(f"hop_length {self.hop_length} exceeds n_fft {self.n_fft}: frames would skip samples")
+
+
+@dataclass(frozen=True, kw_only=True)
 class ModelOptions:
     """How the handler loads the archive's model; the archiver writes it as model-config.yaml's ``model:``."""
 

@@ -3,6 +3,7 @@
     ServereadyError (500, exit 1)      root: anything this library refuses or cannot do
     ├── HandlerError (500)             a request the handler could not answer
     │   ├── InvalidInput (400)         the request itself is wrong; its message goes to the client
+    │   │   └── UnsupportedMediaType (415)  a format this host cannot read, saying what to install
     │   └── ExplanationsUnavailable (501)  this archive or host cannot explain (no gradients, no captum)
     ├── ModelLoadError (500)           the archive's model cannot be loaded (also a RuntimeError, so
     │   │                              TorchServe reports the load failure instead of
@@ -44,6 +45,12 @@ class InvalidInput(HandlerError):
     """The client sent something the model cannot take; answered with 400."""
 
     status = 400
+
+
+class UnsupportedMediaType(InvalidInput):
+    """A format this host cannot read (an audio codec without its library); answered with 415, saying what to install."""
+
+    status = 415
 
 
 class ExplanationsUnavailable(HandlerError):

@@ -31,9 +31,9 @@ from PIL import Image
 from .base import BatchHandler, Decoded
 from .config import ImageOptions, ModelOptions
 from .errors import ConfigError, InvalidInput
-from .images import decode_base64, open_image, resized_size, standard_input
+from .images import open_image, resized_size, standard_input
 from .labels import class_names, requested_k, top_classes
-from .payload import Request, parse_array
+from .payload import Request, decode_base64, parse_array
 
 #: Raw image bodies carry k in this header (TorchServe 0.12 drops query strings of predictions).
 TOP_K_HEADER = "x-top-k"

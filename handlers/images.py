@@ -11,8 +11,6 @@ classifier trained with those transforms sees the same numbers here.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import io
 import struct
 import warnings
@@ -21,21 +19,10 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from .errors import InvalidInput
+from .payload import decode_base64  # noqa: F401  (where 0.3.0 had it)
 
 FORMATS = ("PNG", "JPEG")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-def decode_base64(text: object, what: str = "'image'") -> bytes:
-    """The bytes of a base64 string (``data:`` URL prefixes allowed); ``what`` names it in messages."""
-    if not isinstance(text, str) or not text:
-        raise InvalidInput(f"{what} must be a non-empty base64 string of a PNG or JPEG file")
-    if text.startswith("data:") and "," in text:
-        text = text.split(",", 1)[1]
-    try:
-        return base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError) as err:
-        raise InvalidInput(f"{what} is not valid base64: {err}") from None
 
 
 def open_image(data: bytes, max_pixels: int) -> Image.Image:

@@ -10,6 +10,8 @@ with a message that names the problem.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import math
 from collections.abc import Mapping
@@ -99,6 +101,18 @@ def decode_json(body: Any) -> Any:
         raise InvalidInput("request body is not valid JSON: nested too deeply") from None
     except ValueError as err:  # Python's cap on integer digits (4300), which json.loads enforces
         raise InvalidInput(f"request body is not valid JSON: {str(err).split(';')[0]}") from None
+
+
+def decode_base64(text: object, what: str = "'image'", kind: str = "PNG or JPEG") -> bytes:
+    """The bytes of a base64 string (``data:`` URL prefixes allowed); ``what`` names it in messages, ``kind`` the file it should be."""
+    if not isinstance(text, str) or not text:
+        raise InvalidInput(f"{what} must be a non-empty base64 string of a {kind} file")
+    if text.startswith("data:") and "," in text:
+        text = text.split(",", 1)[1]
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as err:
+        raise InvalidInput(f"{what} is not valid base64: {err}") from None
 
 
 def json_field(document: Any, key: str, example: str) -> Any:

@@ -144,7 +144,7 @@ def test_a_handler_of_ones_own_with_its_own_options(entry: str, net_spec: ModelS
         ({"entry": "serveready.handlers:BatchHandler"}, {}, "BatchHandler does not define decode(request): it cannot read a request"),
         ({"entry": "json.py"}, {"json.py": MY_HANDLER}, "handler file json.py would shadow the module 'json' on the TorchServe worker"),
         ({"entry": "nothere.py"}, {}, "nothere.py does not exist"),
-        ({"entry": "tabularr"}, {}, "is not a built-in handler (tabular, image_classifier, text_classifier)"),
+        ({"entry": "tabularr"}, {}, "is not a built-in handler (tabular, image_classifier, text_classifier, audio_classifier)"),
         ({"entry": "tabular", "input_width": "10"}, {}, "handler.input_width must be an int (or null), got '10'"),
         ({"entry": "tabular", "input_width": 9}, {}, "handler.input_width 9 differs from model.sample_shape [2, 10]"),
         ({"entry": "tabular", "max_rows": 0}, {}, "handler.max_rows must be at least 1, got 0"),
