@@ -25,6 +25,9 @@ from .errors import InvalidInput, UnsupportedMediaType
 PCM, FLOAT, EXTENSIBLE = 1, 3, 0xFFFE
 #: the sample rates a request may have (a header of 4 billion Hz must not size the resampler's filter)
 MIN_RATE, MAX_RATE = 1_000, 384_000
+#: data chunk sizes from here up are a streaming writer's placeholder (0x7FFFF000, 0xFFFFFFFF), not a length:
+#: the body's length decides (and is judged against max_seconds like any other)
+STREAMING_SIZE = 0x7FFF0000
 #: the resampler's polyphase filter grows with the larger of the reduced rate ratio's terms
 MAX_RATIO_TERM = 1 << 16
 SOUNDFILE_HINT = "pip install soundfile (libsndfile reads FLAC, OGG and MP3)"
@@ -107,7 +110,7 @@ def _wav_samples(data: bytes, start: int, size: int, fmt: tuple[int, int, int, i
     if block != channels * bits // 8:
         raise InvalidInput(f"WAV: block align {block} does not fit {channels} channel(s) of {bits}-bit samples")
     available = len(data) - start
-    if size == 0xFFFFFFFF:  # a streaming writer that never came back to fill in the size: take what is there
+    if size >= STREAMING_SIZE:  # a writer to a pipe (espeak-ng --stdout, sox, ffmpeg) that could not fill in the size
         size = available - available % block
     frames = size // block
     if frames == 0:

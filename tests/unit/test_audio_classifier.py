@@ -307,9 +307,9 @@ def test_bad_audio_gets_its_status_naming_the_problem_and_only_that_request_fail
 
 
 def test_a_wav_bomb_is_refused_from_its_header_before_anything_is_decoded(served) -> None:  # noqa: ANN001
-    """A 44-byte header declaring 2^31 frames of 8 channels (and a streaming header's 0xFFFFFFFF size): 400, nothing allocated."""
+    """A 44-byte header declaring a billion frames (and a streaming writer's placeholder size, judged by the body): 400, nothing allocated."""
     fmt = struct.pack("<HHIIHH", 1, 2, 8000, 8000 * 4, 4, 16)
-    bomb = b"RIFF" + struct.pack("<I", 0xFFFFFFFF) + b"WAVE" + b"fmt " + struct.pack("<I", 16) + fmt + b"data" + struct.pack("<I", 0xFFFFFFF0) + bytes(64)
+    bomb = b"RIFF" + struct.pack("<I", 0xFFFFFFFF) + b"WAVE" + b"fmt " + struct.pack("<I", 16) + fmt + b"data" + struct.pack("<I", 0x7FFE0000) + bytes(64)
     answer = served.predict(bomb, "audio/wav")
     assert answer.status == 400 and "the file is cut short or its header lies" in json.loads(answer.body)["message"]
     streaming = bomb[:40] + struct.pack("<I", 0xFFFFFFFF) + bytes(8000 * 4 * 6)  # 6 s of a stream with no size: judged by length
