@@ -21,6 +21,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	touch $@
 
 train: setup
+	@command -v espeak-ng >/dev/null && [ -d /usr/share/asterisk/sounds/ru/digits ] || echo "note: spoken_digits trains on espeak-ng and real recordings: sudo apt-get install espeak-ng asterisk-core-sounds-{en,es,fr,it,ru}-wav"
 	$(BIN)/ts-archive train --if-stale
 
 mar: train

@@ -135,6 +135,16 @@ class AudioClassifierHandler(BatchHandler):
 
         return base64.b64encode(wav_bytes(inputs, self.options.sample_rate)).decode()
 
+    def sample_instance(self, seed: int) -> Any:
+        """A base64 WAV of seeded noise under a rising tone, one clip long at ``sample_rate`` (ts-gpu-check sends these)."""
+        import base64
+        import math
+
+        generator = torch.Generator().manual_seed(seed)
+        t = torch.arange(self.samples, dtype=torch.float32) / self.options.sample_rate
+        clip = 0.4 * torch.sin(2 * math.pi * (200 + 100 * seed % 7) * t * (1 + t)) + 0.05 * torch.randn(self.samples, generator=generator)
+        return base64.b64encode(wav_bytes(clip, self.options.sample_rate)).decode()
+
     # -- answers ---------------------------------------------------------------------
     def encode_rows(self, outputs: torch.Tensor, item: Decoded) -> list[Any]:
         return top_classes(outputs, item.options["k"], self.names)

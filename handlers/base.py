@@ -154,6 +154,11 @@ class BatchHandler:
         """The model's inputs for the good requests of one batch, rows in request order: here their rows, concatenated."""
         return (torch.cat([item.rows for item in items]) if len(items) > 1 else items[0].rows,)
 
+    def sample_instance(self, seed: int) -> Any:
+        """A request input for tools when a model input cannot be turned back into one (``instance_of`` refuses):
+        here seeded random numbers of the input shape."""
+        return self.instance_of(torch.rand(self.input_shape, generator=torch.Generator().manual_seed(seed)))
+
     # -- answers out -----------------------------------------------------------------
     def encode_rows(self, outputs: torch.Tensor, item: Decoded) -> list[Any]:
         """One JSON value per output row (here the numbers themselves); every protocol's answer is made of these."""

@@ -43,7 +43,7 @@ import torch
 import serveready
 from serveready.handlers.archive import Archive
 from serveready.handlers.config import DeviceType
-from serveready.handlers.errors import ServereadyError
+from serveready.handlers.errors import InvalidInput, ServereadyError
 from serveready.handlers.host import Model
 from serveready.handlers.inputs import Inputs, as_inputs, select
 from serveready.handlers.inputs import rows as rows_of
@@ -152,7 +152,10 @@ def v2_bodies(reference: Model, inputs: Inputs) -> list[bytes]:
     bodies = []
     for first in range(0, count, per):
         chunk = [select(inputs, i) for i in range(first, min(first + per, count))]
-        values = [handler.instance_of(row[0] if len(row) == 1 else row) for row in chunk]
+        try:
+            values = [handler.instance_of(row[0] if len(row) == 1 else row) for row in chunk]
+        except InvalidInput:  # inputs that cannot be turned back into requests (log-mel features): the handler's samples
+            values = [handler.sample_instance(first + i) for i in range(len(chunk))]
         if all(isinstance(v, str) for v in values):
             spec = {"name": "input", "shape": [len(values)], "datatype": "BYTES", "data": values}
         else:

@@ -181,6 +181,7 @@ def make_context(model_dir: Path, batch: int, gpu: int | None = None) -> Context
 
 digits_spec, digits_archive, digits_dir = model_fixtures("digits", trained)
 sentiment_spec, sentiment_archive, sentiment_dir = model_fixtures("sentiment", trained)
+spoken_digits_spec, spoken_digits_archive, spoken_digits_dir = model_fixtures("spoken_digits", trained)
 
 
 def render_digit(
@@ -223,11 +224,12 @@ class VariantBuild:
 
 
 @pytest.fixture(scope="session")
-def variant_builds(net_spec: ModelSpec, digits_spec: ModelSpec, sentiment_spec: ModelSpec, tmp_path_factory: pytest.TempPathFactory) -> dict[str, VariantBuild]:
+def variant_builds(net_spec: ModelSpec, digits_spec: ModelSpec, sentiment_spec: ModelSpec, spoken_digits_spec: ModelSpec,
+                   tmp_path_factory: pytest.TempPathFactory) -> dict[str, VariantBuild]:
     """Every variant config of the repo, derived from the session's trained models and built."""
     from serveready.archiver.build import build_measured
 
-    bases = {"net": net_spec, "digits": digits_spec, "sentiment": sentiment_spec}
+    bases = {"net": net_spec, "digits": digits_spec, "sentiment": sentiment_spec, "spoken_digits": spoken_digits_spec}
     folder = tmp_path_factory.mktemp("variants")
     store = folder / "store"
     builds = {}
@@ -335,6 +337,13 @@ def sentiment_split() -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
 def sentiment_model(weights: Path) -> torch.nn.Module:
     """The sentiment example's SentimentBag with ``weights``, computed here (outside any archive)."""
     model = example_module("sentiment", "models/sentiment").SentimentBag()
+    model.load_state_dict(torch.load(weights, weights_only=True))
+    return model.eval()
+
+
+def spoken_digits_model(weights: Path) -> torch.nn.Module:
+    """The spoken_digits example's SpokenDigitNet with ``weights``, computed here (outside any archive)."""
+    model = example_module("spoken_digits", "models/spoken_digits").SpokenDigitNet()
     model.load_state_dict(torch.load(weights, weights_only=True))
     return model.eval()
 
