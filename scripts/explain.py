@@ -2,11 +2,14 @@
 
     ts-explain image.png [more.png ...] [--model digits] [--run-dir run/default]
     ts-explain review.txt --model sentiment
+    ts-explain seven.wav --model spoken_digits
 
 Posts each file to ``/explanations/<model>`` (Integrated Gradients, computed by the
 handler) and writes ``<file>.explanation.png`` next to it. An image gets the image, the
 input the model saw, and the per-pixel attributions for the predicted class; a text
-(``.txt``, sent as text/plain) gets its tokens, each shaded by its attribution.
+(``.txt``, sent as text/plain) gets its tokens, each shaded by its attribution; an audio file
+(``.wav``, ``.flac``, ``.ogg``, ``.mp3``) its attributions over time (and mel band, with the
+log-mel input the model saw).
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ from serveready.handlers.errors import ServereadyError
 from .client import Inference
 from .runinfo import RunDir, ScriptError
 
-CONTENT_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".txt": "text/plain; charset=utf-8"}
+CONTENT_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".txt": "text/plain; charset=utf-8",
+                 ".wav": "audio/wav", ".flac": "audio/flac", ".ogg": "audio/ogg", ".mp3": "audio/mpeg"}
 #: characters per line of a text explanation's picture
 _LINE_CHARS = 60
 
@@ -63,8 +67,42 @@ def _pyplot() -> Any:
 
 
 def save_explanation(sent: Path, result: dict[str, Any], out: Path) -> Path:
-    """The picture for what the handler answered: a text's shaded tokens, or an image's heat-map."""
-    return save_text_explanation(result, out) if "tokens" in result else save_heatmap(sent, result, out)
+    """The picture for what the handler answered: a text's shaded tokens, a clip's attributions over time, or an image's heat-map."""
+    if "tokens" in result:
+        return save_text_explanation(result, out)
+    if "step_seconds" in result:
+        return save_audio_explanation(result, out)
+    return save_heatmap(sent, result, out)
+
+
+def save_audio_explanation(result: dict[str, Any], out: Path) -> Path:
+    """Attributions over time: a line (waveform models), or the log-mel input above its attributions per band and frame."""
+    plt = _pyplot()
+    import numpy as np
+
+    attributions = np.asarray(result["attributions"], dtype=float)
+    step = float(result["step_seconds"])
+    top = result["predictions"][0]
+    limit = float(np.abs(attributions).max()) or 1.0
+    if attributions.ndim == 1:
+        fig, axis = plt.subplots(figsize=(9, 3))
+        axis.plot(np.arange(len(attributions)) * step, attributions, color="tab:red")
+        axis.axhline(0, color="grey", linewidth=0.5)
+        axis.set_xlabel("seconds")
+        axis.set_ylabel("attribution")
+    else:
+        fig, (above, below) = plt.subplots(2, 1, figsize=(9, 5.5), sharex=True)
+        extent = (0, attributions.shape[1] * step, 0, attributions.shape[0])
+        above.imshow(np.asarray(result["input"], dtype=float), origin="lower", aspect="auto", extent=extent, cmap="magma")
+        above.set_title("log-mel input (mel band over time)")
+        shown = below.imshow(attributions, origin="lower", aspect="auto", extent=extent, cmap="RdBu_r", vmin=-limit, vmax=limit)
+        below.set_xlabel("seconds")
+        below.set_title("attributions")
+        fig.colorbar(shown, ax=[above, below], fraction=0.03)
+    fig.suptitle(f"predicted {top['class']} with probability {top['probability']:.3f} (red: pushed towards it)")
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
 
 
 def save_text_explanation(result: dict[str, Any], out: Path) -> Path:
@@ -138,7 +176,7 @@ def save_heatmap(image: Path, result: dict[str, Any], out: Path) -> Path:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ts-explain", description="Save a picture of why the model chose its class.")
-    parser.add_argument("images", nargs="+", type=Path, help="PNG or JPEG files, or .txt files for a text classifier")
+    parser.add_argument("images", nargs="+", type=Path, help="PNG or JPEG files; .txt files for a text classifier; .wav (.flac, .ogg, .mp3) for an audio one")
     parser.add_argument("--model", default="digits", help="the registered classifier to ask (default: %(default)s, as in 0.2)")
     parser.add_argument("--run-dir", type=Path, default=Path(os.environ.get("TS_RUN_DIR", "run/default")), help="the server's folder (default: %(default)s)")
     return parser

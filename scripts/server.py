@@ -244,9 +244,10 @@ def info(run_dir: Path) -> str:
     ]
     kinds = {m: _input_kind(run.model_store / f"{m}.mar") for m in models}
     # One model of each kind, the shortest name first (net before net_int8): what a first curl needs.
-    shown = [min(found, key=len) for kind in ("rows", "image", "text") if (found := [m for m, k in kinds.items() if k == kind])] or models[:3]
+    shown = [min(found, key=len) for kind in ("rows", "image", "text", "audio") if (found := [m for m, k in kinds.items() if k == kind])] or models[:3]
     image = "docs/images/digit.png" if Path("docs/images/digit.png").is_file() else "image.png"
     review = "docs/review.txt" if Path("docs/review.txt").is_file() else "review.txt"
+    clip = "docs/seven.wav" if Path("docs/seven.wav").is_file() else "clip.wav"
     for m in shown:
         kind = kinds.get(m)
         if kind == "rows":
@@ -256,9 +257,11 @@ def info(run_dir: Path) -> str:
             lines.append(f"  curl {auth}-H 'Content-Type: image/png' --data-binary @{image} {url}/predictions/{m}")
         elif kind == "text":
             lines.append(f"  curl {auth}-H 'Content-Type: text/plain' --data-binary @{review} {url}/predictions/{m}")
+        elif kind == "audio":
+            lines.append(f"  curl {auth}-H 'Content-Type: audio/wav' --data-binary @{clip} {url}/predictions/{m}")
         else:
             lines.append(f"  curl {auth}-H 'Content-Type: application/json' -d @request.json {url}/predictions/{m}")
-    for kind, sent in (("image", image), ("text", review)):
+    for kind, sent in (("image", image), ("text", review), ("audio", clip)):
         explained = [m for m in shown if kinds.get(m) == kind]
         if explained:
             picture = Path(sent).with_name(f"{Path(sent).stem}.explanation.png")
@@ -278,10 +281,13 @@ def _model_shape(archive: Path) -> list[int]:
 
 
 def _input_kind(archive: Path) -> str:
-    """What a request to the archive's model carries, as far as its model-config tells: text, rows, an image, or other."""
+    """What a request to the archive's model carries, as far as its model-config tells: text, audio, rows, an image, or other."""
     config = _model_config(archive)
-    if "tokenizer" in (config.get("handler") or {}):
+    handler = config.get("handler") or {}
+    if "tokenizer" in handler:
         return "text"
+    if "sample_rate" in handler:
+        return "audio"
     shape = list(((config.get("model") or {}).get("sample_shape")) or [])
     return "rows" if len(shape) == 2 else "image" if len(shape) == 4 and shape[1] in (1, 3) else "other"
 

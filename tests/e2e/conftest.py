@@ -60,9 +60,10 @@ def serving(archives: list[Path], base: Path, torchserve: str | None = None) -> 
 
 
 @pytest.fixture(scope="session")
-def server(net_archive: Path, digits_archive: Path, sentiment_archive: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunDir]:
-    """One TorchServe for the modules that register their own names on it (test_serve, test_digits, test_text)."""
-    with serving([net_archive, digits_archive, sentiment_archive], tmp_path_factory.mktemp("server")) as run:
+def server(net_archive: Path, digits_archive: Path, sentiment_archive: Path, spoken_digits_archive: Path,
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunDir]:
+    """One TorchServe for the modules that register their own names on it (test_serve, test_digits, test_text, test_audio)."""
+    with serving([net_archive, digits_archive, sentiment_archive, spoken_digits_archive], tmp_path_factory.mktemp("server")) as run:
         yield run
 
 

@@ -1,7 +1,7 @@
 """Every archive of the repo's model store served side by side by one real TorchServe: within its fidelity
 bound of the fp32 model, and ``serveready.load(...).predict(...)`` answering what the worker answers, byte for byte.
 
-One TorchServe holds all 23 archives (the trained net, digits and sentiment and every variant of them), each
+One TorchServe holds all 27 archives (the trained net, digits, sentiment and spoken_digits and every variant of them), each
 registered with one worker and batch size 1, as the requests are sent one at a time; the same
 archives are loaded in-process. Each request (good ones in every protocol, and the bad ones a
 careless client sends) is sent to both; status, content type, reason phrase and body must be the
@@ -26,8 +26,9 @@ import serveready
 from serveready.handlers.host import Model
 from serveready.scripts.client import Management
 from serveready.scripts.runinfo import RunDir, TokenKind
-from tests.conftest import VariantBuild, digits_model, digits_split, reference_net, render_digit, sentiment_model
+from tests.conftest import VariantBuild, digits_model, digits_split, reference_net, render_digit, sentiment_model, spoken_digits_model
 from tests.e2e.conftest import serving
+from tests.unit.test_audio_classifier import float_wav, numpy_log_mel, tone, wav_file
 
 ROWS = np.random.default_rng(21).normal(size=(3, 10)).astype(np.float32)
 INK = (digits_split()["x_test"][:3, 0] * 16).numpy()
@@ -120,21 +121,68 @@ def text_requests() -> list[tuple[str, bytes, str | None, dict[str, str]]]:
     ]
 
 
-#: the requests of the corpora that must be refused (400); every other one is answered (200)
+SEVEN = (Path(__file__).resolve().parents[2] / "docs" / "seven.wav").read_bytes()
+
+
+def audio_requests() -> list[tuple[str, bytes, str | None, dict[str, str]]]:
+    stereo = wav_file(tone(0.6, 44100, channels=2, seed=1), 44100, 24)
+    b64 = base64.b64encode(SEVEN).decode()
+    element = struct.pack("<I", len(stereo)) + stereo
+    binary, headers = _binary_v2({"inputs": [{"name": "audio", "shape": [1], "datatype": "BYTES", "parameters": {"binary_data_size": len(element)}}]}, element)
+    lying = SEVEN[:40] + struct.pack("<I", 10**7) + SEVEN[44:]
+    return [
+        ("wav", SEVEN, "audio/wav", {}),
+        ("stereo 44.1 kHz 24-bit, top 5", stereo, "audio/wav", {"X-Top-K": "5"}),
+        ("float wav in json", json.dumps({"audio": base64.b64encode(float_wav(tone(0.3, 16000, seed=2), 16000)).decode(), "k": 2}).encode(), "application/json", {}),
+        ("not audio", b"\x00\x01 not audio", "audio/wav", {}),
+        ("truncated wav", SEVEN[:30], "audio/wav", {}),
+        ("a header that lies", lying, "audio/wav", {}),
+        ("nan samples", float_wav(np.array([[0.1], [np.nan]]), 8000), "audio/wav", {}),
+        ("too long", wav_file(tone(11.0, 8000), 8000), "audio/wav", {}),
+        ("flac without soundfile", b"fLaC\x00\x00\x00\x22" + bytes(40), "audio/flac", {}),
+        ("kserve v1", json.dumps({"instances": [{"b64": b64}, b64]}).encode(), "application/json", {}),
+        ("v2 base64 bytes", _v2([b64], [1], "BYTES"), "application/json", {}),
+        ("v2 binary bytes", binary, "application/octet-stream", headers),
+        ("v2 numbers", _v2([1.0, 2.0], [1, 2]), "application/json", {}),
+    ]
+
+
+#: the requests of the corpora that must be refused (4xx); every other one is answered (200)
 REFUSED = {"a row too short", "not json", "not utf-8", "form-encoded", "a JSON list", "a huge integer", "kserve v1, empty",
            "v2 int8 out of range", "v2 binary cut short", "not an image", "truncated png", "k out of range", "v2 bad base64",
            "text/plain, not utf-8", "empty text", "a number for a text", "a lone surrogate", "too many texts", "too many characters",
-           "v2 binary, not utf-8", "v2 numbers"}
+           "v2 binary, not utf-8", "v2 numbers", "not audio", "truncated wav", "a header that lies", "nan samples", "too long"}
+#: refused as 415: a format this host has no reader for
+UNSUPPORTED = {"flac without soundfile"}
+
+
+def _spoken_features(data: bytes) -> torch.Tensor:
+    """A 16-bit mono WAV as the spoken_digits model takes it, computed here: scipy's resample_poly to 8 kHz, 1 s, NumPy log-mel."""
+    import io
+    import wave
+
+    from scipy.signal import resample_poly
+
+    with wave.open(io.BytesIO(data)) as clip:
+        rate, samples = clip.getframerate(), np.frombuffer(clip.readframes(clip.getnframes()), "<i2") / 32768.0
+    g = np.gcd(rate, 8000)
+    signal = resample_poly(samples, 8000 // g, rate // g) if rate != 8000 else samples
+    clip = np.zeros(8000)
+    clip[: min(8000, len(signal))] = signal[:8000]
+    return torch.tensor(numpy_log_mel(clip, 8000, 256, 80, 40, 20.0, 4000.0), dtype=torch.float32)[None]
 
 
 def corpus_of(name: str) -> list[tuple[str, bytes, str | None, dict[str, str]]]:
+    if name.startswith("spoken_digits"):
+        return audio_requests()
     return tabular_requests() if name.startswith("net") else text_requests() if name.startswith("sentiment") else image_requests()
 
 
 @pytest.fixture(scope="module")
-def everything(net_archive: Path, digits_archive: Path, sentiment_archive: Path, variant_builds: dict[str, VariantBuild],
+def everything(net_archive: Path, digits_archive: Path, sentiment_archive: Path, spoken_digits_archive: Path, variant_builds: dict[str, VariantBuild],
                tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RunDir, dict[str, Path]]]:
-    archives = {"net": net_archive, "digits": digits_archive, "sentiment": sentiment_archive, **{name: b.archive for name, b in variant_builds.items()}}
+    archives = {"net": net_archive, "digits": digits_archive, "sentiment": sentiment_archive, "spoken_digits": spoken_digits_archive,
+                **{name: b.archive for name, b in variant_builds.items()}}
     with serving(list(archives.values()), tmp_path_factory.mktemp("load")) as run:
         management = Management.from_run(run)
         with ThreadPoolExecutor(4) as pool:  # the workers start side by side (each imports torch)
@@ -166,7 +214,7 @@ def test_load_answers_what_torchserve_answers(name: str, everything: tuple[RunDi
         for what, body, content_type, headers in corpus:
             answer = model.predict(body, content_type, headers)
             _same(_served(run, name, body, content_type, headers, "predictions"), answer, what)
-            assert answer.status == (400 if what in REFUSED else 200), (what, answer)
+            assert answer.status == (400 if what in REFUSED else 415 if what in UNSUPPORTED else 200), (what, answer)
         what, body, content_type, headers = corpus[0]
         _same(_served(run, name, body, content_type, headers, "explanations"), model.explain(body, content_type, headers), f"explain {what}")
         batch = model.predict_batch([(body, content_type, headers) for _, body, content_type, headers in corpus[:4]])
@@ -181,13 +229,22 @@ FIDELITY_TEXTS = [REVIEW, "A boring, tedious mess.", "It has a few good scenes b
 
 @pytest.mark.parametrize("name", VARIANTS)
 def test_variant_serves_within_its_bound(name: str, variant_builds: dict[str, VariantBuild], everything: tuple[RunDir, dict[str, Path]],
-                                         net_spec, digits_spec, sentiment_spec) -> None:  # noqa: ANN001
+                                         net_spec, digits_spec, sentiment_spec, spoken_digits_spec) -> None:  # noqa: ANN001
     """The same request to the variant and to its fp32 model computed here: within the variant's max_abs_diff."""
     run, _ = everything
     build = variant_builds[name]
     bound = build.spec.fidelity.max_abs_diff
     assert bound is not None, f"{name}.yaml sets no fidelity.max_abs_diff: nothing to hold it to"
-    if build.row["base"] == "sentiment":
+    if build.row["base"] == "spoken_digits":
+        model = spoken_digits_model(spoken_digits_spec.weights)
+        for data in (SEVEN, wav_file(tone(0.8, 8000, seed=3), 8000), wav_file(tone(0.5, 16000, seed=4), 16000)):
+            reply = _served(run, name, data, "audio/wav", {"X-Top-K": "10"}, "predictions")
+            assert reply.status_code == 200, reply.text
+            with torch.inference_mode():
+                expected = torch.softmax(model(_spoken_features(data)), dim=1)[0].numpy()
+            answered = {p["index"]: p["probability"] for p in reply.json()["predictions"]}
+            assert np.abs(np.array([answered[i] for i in range(10)]) - expected).max() <= bound + 2e-3  # + NumPy's front end against torch's
+    elif build.row["base"] == "sentiment":
         from tokenizers import Tokenizer
 
         tokenizer = Tokenizer.from_file(str(sentiment_spec.extra_files[0]))

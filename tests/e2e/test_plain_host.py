@@ -15,16 +15,26 @@ import pytest
 import torch
 
 from serveready.scripts.runinfo import RunDir
-from tests.conftest import RGB_HANDLER, ImageProject, VariantBuild, digits_model, digits_split, reference_net, render_digit, sentiment_model
+from tests.conftest import (
+    RGB_HANDLER,
+    ImageProject,
+    VariantBuild,
+    digits_model,
+    digits_split,
+    reference_net,
+    render_digit,
+    sentiment_model,
+    spoken_digits_model,
+)
 from tests.e2e.conftest import PLAIN, Api, plain_launcher, serving
 from tests.e2e.test_serve import ts_manage
 
 
 @pytest.fixture(scope="module")
-def plain(net_archive: Path, digits_archive: Path, sentiment_archive: Path, variant_builds: dict[str, VariantBuild], rgb_project: ImageProject,
-          tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunDir]:
+def plain(net_archive: Path, digits_archive: Path, sentiment_archive: Path, spoken_digits_archive: Path, variant_builds: dict[str, VariantBuild],
+          rgb_project: ImageProject, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunDir]:
     launcher = plain_launcher()
-    archives = [net_archive, digits_archive, sentiment_archive, rgb_project.archive]
+    archives = [net_archive, digits_archive, sentiment_archive, spoken_digits_archive, rgb_project.archive]
     archives += [variant_builds[n].archive for n in ("digits_int8_static", "net_exported", "net_onnx", "sentiment_exported")]
     with serving(archives, tmp_path_factory.mktemp("plain"), torchserve=str(launcher)) as run:
         yield run
@@ -106,3 +116,24 @@ def test_text_archives_serve_what_the_model_computes_here(plain: RunDir, sentime
     assert refused.status_code == 400 and refused.json()["message"] == "the body is not UTF-8 text: invalid continuation byte at byte 3"
     explained = Api(plain).predict(name, json.dumps({"text": texts[0]}), endpoint="explanations")
     assert explained.status_code == 501 and "explanations need" in explained.json()["message"]
+
+
+def test_an_audio_archive_serves_any_wav_without_numpy_or_torchaudio(plain: RunDir, spoken_digits_spec) -> None:  # noqa: ANN001
+    from tests.e2e.test_load import SEVEN, _spoken_features
+    from tests.unit.test_audio_classifier import float_wav, tone, wav_file
+
+    assert ts_manage(plain, "register", "spoken_digits.mar").returncode == 0
+    model = spoken_digits_model(spoken_digits_spec.weights)
+    for data in (SEVEN, wav_file(tone(0.7, 16000, seed=5), 16000)):
+        reply = Api(plain).predict("spoken_digits", data, content_type="audio/wav")
+        assert reply.status_code == 200, reply.text
+        with torch.inference_mode():
+            expected = torch.softmax(model(_spoken_features(data)), dim=1)[0]
+        top = reply.json()["predictions"][0]
+        assert top["index"] == int(expected.argmax()) and abs(top["probability"] - float(expected.max())) < 2e-3
+    stereo_float = float_wav(tone(0.4, 44100, channels=2, seed=6), 44100)
+    assert Api(plain).predict("spoken_digits", stereo_float, content_type="audio/wav").status_code == 200
+    refused = Api(plain).predict("spoken_digits", SEVEN[:40] + b"\xff\xff\xff\x00" + SEVEN[44:100], content_type="audio/wav")
+    assert refused.status_code == 400 and "the file is cut short or its header lies" in refused.json()["message"]
+    flac = Api(plain).predict("spoken_digits", b"fLaC\x00\x00\x00\x22" + bytes(40), content_type="audio/flac")
+    assert flac.status_code == 415 and "pip install soundfile" in flac.json()["message"]
