@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import requests
 import torch
+import yaml
 
 import serveready
 from serveready.handlers.host import Model
@@ -221,7 +222,7 @@ def test_load_answers_what_torchserve_answers(name: str, everything: tuple[RunDi
         assert [a.status for a in batch] == [model.predict(b, c, h).status for _, b, c, h in corpus[:4]]
 
 
-VARIANTS = sorted(p.stem for p in (Path(__file__).resolve().parents[2] / "model_configs").glob("*_*.yaml"))
+VARIANTS = sorted(p.stem for p in (Path(__file__).resolve().parents[2] / "model_configs").glob("*.yaml") if "base" in yaml.safe_load(p.read_text()))
 FIDELITY_ROWS = np.random.default_rng(7).normal(size=(16, 10)).astype(np.float32)
 FIDELITY_IMAGES = digits_split()["x_test"][:8]
 FIDELITY_TEXTS = [REVIEW, "A boring, tedious mess.", "It has a few good scenes but the plot makes no sense.", LONG_REVIEW]
