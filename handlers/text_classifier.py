@@ -115,7 +115,7 @@ class TextClassifierHandler(BatchHandler):
     def decode(self, request: Request) -> Decoded:
         body = request.body
         k = request.headers.get(TOP_K_HEADER)
-        if isinstance(body, (dict, list)) or (_looks_like_json(body) and not _is_text(request)):
+        if isinstance(body, (dict, list)) or (request.looks_like_json() and not _is_text(request)):
             document = request.json()
             if not isinstance(document, dict) or not ({"text", "inputs"} & set(document)):
                 raise InvalidInput('send a text/plain body, or JSON {"text": "..."} or {"inputs": ["...", ...]}')
@@ -265,10 +265,6 @@ def _pad_id(tokenizer: Any) -> int:
         if found is not None:
             return int(found)
     return 0
-
-
-def _looks_like_json(body: Any) -> bool:
-    return isinstance(body, (bytes, bytearray, str)) and body[:64].lstrip()[:1] in (b"{", "{")
 
 
 def _is_text(request: Request) -> bool:

@@ -341,6 +341,20 @@ def sentiment_model(weights: Path) -> torch.nn.Module:
     return model.eval()
 
 
+def sentiment_probabilities(spec: ModelSpec, texts: list[str]) -> torch.Tensor:
+    """The sentiment model's class probabilities for ``texts``, computed here: its tokenizer file (truncated at the
+    handler's 128 tokens, padded with [PAD]) and SentimentBag outside any archive."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(spec.extra_files[0]))
+    tokenizer.enable_truncation(128)
+    tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")
+    encodings = tokenizer.encode_batch(texts)
+    with torch.inference_mode():
+        logits = sentiment_model(spec.weights)(torch.tensor([e.ids for e in encodings]), torch.tensor([e.attention_mask for e in encodings]))
+    return torch.softmax(logits, dim=1)
+
+
 def spoken_digits_model(weights: Path) -> torch.nn.Module:
     """The spoken_digits example's SpokenDigitNet with ``weights``, computed here (outside any archive)."""
     model = example_module("spoken_digits", "models/spoken_digits").SpokenDigitNet()

@@ -27,7 +27,7 @@ import serveready
 from serveready.handlers.host import Model
 from serveready.scripts.client import Management
 from serveready.scripts.runinfo import RunDir, TokenKind
-from tests.conftest import VariantBuild, digits_model, digits_split, reference_net, render_digit, sentiment_model, spoken_digits_model
+from tests.conftest import VariantBuild, digits_model, digits_split, reference_net, render_digit, sentiment_probabilities, spoken_digits_model
 from tests.e2e.conftest import serving
 from tests.unit.test_audio_classifier import float_wav, numpy_log_mel, tone, wav_file
 
@@ -246,18 +246,10 @@ def test_variant_serves_within_its_bound(name: str, variant_builds: dict[str, Va
             answered = {p["index"]: p["probability"] for p in reply.json()["predictions"]}
             assert np.abs(np.array([answered[i] for i in range(10)]) - expected).max() <= bound + 2e-3  # + NumPy's front end against torch's
     elif build.row["base"] == "sentiment":
-        from tokenizers import Tokenizer
-
-        tokenizer = Tokenizer.from_file(str(sentiment_spec.extra_files[0]))
-        tokenizer.enable_truncation(128)
-        tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")
-        encodings = tokenizer.encode_batch(FIDELITY_TEXTS)
-        with torch.inference_mode():
-            logits = sentiment_model(sentiment_spec.weights)(torch.tensor([e.ids for e in encodings]), torch.tensor([e.attention_mask for e in encodings]))
         reply = _served(run, name, json.dumps({"inputs": FIDELITY_TEXTS}).encode(), "application/json", {}, "predictions")
         assert reply.status_code == 200, reply.text
         answered = [[{p["index"]: p["probability"] for p in row}[i] for i in range(2)] for row in reply.json()["predictions"]]
-        assert np.abs(np.array(answered) - torch.softmax(logits, dim=1).numpy()).max() <= bound
+        assert np.abs(np.array(answered) - sentiment_probabilities(sentiment_spec, FIDELITY_TEXTS).numpy()).max() <= bound
     elif build.row["base"] == "net":
         reply = _served(run, name, json.dumps({"inputs": FIDELITY_ROWS.tolist()}).encode(), "application/json", {}, "predictions")
         assert reply.status_code == 200, reply.text

@@ -23,7 +23,7 @@ from tests.conftest import (
     digits_split,
     reference_net,
     render_digit,
-    sentiment_model,
+    sentiment_probabilities,
     spoken_digits_model,
 )
 from tests.e2e.conftest import PLAIN, Api, plain_launcher, serving
@@ -97,19 +97,12 @@ def test_an_ordinary_image_classifier_serves_photos(plain: RunDir, rgb_project: 
 
 @pytest.mark.parametrize("name", ["sentiment", "sentiment_exported"])
 def test_text_archives_serve_what_the_model_computes_here(plain: RunDir, sentiment_spec, name: str) -> None:  # noqa: ANN001
-    from tokenizers import Tokenizer
-
     assert ts_manage(plain, "register", f"{name}.mar").returncode == 0
     texts = ["A wonderful, moving film.", "A boring, tedious mess that never ends."]
-    tokenizer = Tokenizer.from_file(str(sentiment_spec.extra_files[0]))
-    tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")
-    encodings = tokenizer.encode_batch(texts)
-    with torch.inference_mode():
-        logits = sentiment_model(sentiment_spec.weights)(torch.tensor([e.ids for e in encodings]), torch.tensor([e.attention_mask for e in encodings]))
     reply = Api(plain).predict(name, json.dumps({"inputs": texts}))
     assert reply.status_code == 200, reply.text
     answered = [[{p["index"]: p["probability"] for p in row}[i] for i in range(2)] for row in reply.json()["predictions"]]
-    np.testing.assert_allclose(answered, torch.softmax(logits, dim=1).numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(answered, sentiment_probabilities(sentiment_spec, texts).numpy(), rtol=1e-5, atol=1e-6)
     plain_text = Api(plain).predict(name, texts[0].encode(), content_type="text/plain")
     assert plain_text.status_code == 200 and plain_text.json()["predictions"][0]["class"] == "positive"
     refused = Api(plain).predict(name, b"caf\xe9 \xff", content_type="text/plain")

@@ -10,12 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
-import torch
 from PIL import Image
 
 from serveready.scripts import explain
 from serveready.scripts.runinfo import RunDir, TokenKind
-from tests.conftest import ROOT, sentiment_model
+from tests.conftest import ROOT, sentiment_probabilities
 from tests.e2e.conftest import Api
 from tests.e2e.test_serve import ts_manage
 
@@ -27,18 +26,6 @@ def sentiment(server: RunDir) -> RunDir:
     done = ts_manage(server, "register", "sentiment.mar")
     assert done.returncode == 0, done.stderr
     return server
-
-
-def _expected(spec, texts: list[str]) -> np.ndarray:  # noqa: ANN001
-    from tokenizers import Tokenizer
-
-    tokenizer = Tokenizer.from_file(str(spec.extra_files[0]))
-    tokenizer.enable_truncation(128)
-    tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")
-    encodings = tokenizer.encode_batch(texts)
-    with torch.inference_mode():
-        logits = sentiment_model(spec.weights)(torch.tensor([e.ids for e in encodings]), torch.tensor([e.attention_mask for e in encodings]))
-    return torch.softmax(logits, dim=1).numpy()
 
 
 def _binary_text(element: bytes, declared: int | None = None) -> tuple[bytes, dict[str, str]]:
@@ -55,7 +42,7 @@ def test_the_readme_review_and_concurrent_texts_get_the_models_answers(sentiment
     with ThreadPoolExecutor(8) as pool:
         replies = list(pool.map(lambda t: api.predict("sentiment", json.dumps({"text": t})), texts))
     answered = [[{p["index"]: p["probability"] for p in r.json()["predictions"]}[i] for i in range(2)] for r in replies]
-    np.testing.assert_allclose(answered, _expected(sentiment_spec, texts), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(answered, sentiment_probabilities(sentiment_spec, texts).numpy(), rtol=1e-5, atol=1e-6)
 
 
 def test_bad_texts_get_400_while_good_ones_beside_them_are_answered(sentiment: RunDir, api: Api) -> None:

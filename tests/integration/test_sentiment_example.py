@@ -11,7 +11,7 @@ import torch
 
 import serveready
 from serveready.archiver.training import metrics_path
-from tests.conftest import sentiment_model, sentiment_split
+from tests.conftest import sentiment_probabilities, sentiment_split
 
 #: One-line reviews written for this test, independently of the corpus: plain and unambiguous.
 POSITIVE = [
@@ -83,16 +83,9 @@ def test_plain_reviews_written_apart_from_the_corpus_are_80_percent_right(sentim
 
 
 def test_the_served_probabilities_are_the_models_own(sentiment_spec, sentiment_archive: Path, tmp_path: Path) -> None:  # noqa: ANN001
-    from tokenizers import Tokenizer
-
-    tokenizer = Tokenizer.from_file(str(sentiment_spec.extra_files[0]))
     texts = ["A wonderful film.", "A boring, tedious mess that goes on and on."]
-    tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")
-    encodings = tokenizer.encode_batch(texts)
-    with torch.inference_mode():
-        logits = sentiment_model(sentiment_spec.weights)(torch.tensor([e.ids for e in encodings]), torch.tensor([e.attention_mask for e in encodings]))
     with serveready.load(sentiment_archive, into=tmp_path / "unpacked") as model:
         rows = json.loads(model.predict(json.dumps({"inputs": texts}).encode(), "application/json").body)["predictions"]
-    for row, expected in zip(rows, torch.softmax(logits, dim=1), strict=True):
+    for row, expected in zip(rows, sentiment_probabilities(sentiment_spec, texts), strict=True):
         assert [p["class"] for p in row] == (["positive", "negative"] if expected[1] > expected[0] else ["negative", "positive"])
         torch.testing.assert_close(torch.tensor([p["probability"] for p in sorted(row, key=lambda p: p["index"])]), expected, rtol=1e-5, atol=1e-6)
