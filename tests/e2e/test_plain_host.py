@@ -26,15 +26,31 @@ from tests.conftest import (
     sentiment_probabilities,
     spoken_digits_model,
 )
+from serveready import load
 from tests.e2e.conftest import PLAIN, Api, plain_launcher, serving
 from tests.e2e.test_serve import ts_manage
+from tests.unit import test_audio_classifier as audio
+from tests.unit import test_text_classifier as text
+
+
+@pytest.fixture(scope="module")
+def bert_project(tmp_path_factory: pytest.TempPathFactory) -> text.TextProject:
+    """A user's BERT-style model (three inputs, a ``.logits`` output) and its WordPiece tokenizer.json, from a folder of its own."""
+    return text.text_project(tmp_path_factory.mktemp("bert"))
+
+
+@pytest.fixture(scope="module")
+def mel_project(tmp_path_factory: pytest.TempPathFactory) -> audio.AudioProject:
+    """A user's log-mel audio model from a folder of its own."""
+    return audio.audio_project(tmp_path_factory.mktemp("clips"), "log_mel")
 
 
 @pytest.fixture(scope="module")
 def plain(net_archive: Path, digits_archive: Path, sentiment_archive: Path, spoken_digits_archive: Path, variant_builds: dict[str, VariantBuild],
-          rgb_project: ImageProject, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunDir]:
+          rgb_project: ImageProject, bert_project: text.TextProject, mel_project: audio.AudioProject,
+          tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunDir]:
     launcher = plain_launcher()
-    archives = [net_archive, digits_archive, sentiment_archive, spoken_digits_archive, rgb_project.archive]
+    archives = [net_archive, digits_archive, sentiment_archive, spoken_digits_archive, rgb_project.archive, bert_project.archive, mel_project.archive]
     archives += [variant_builds[n].archive for n in ("digits_int8_static", "net_exported", "net_onnx", "sentiment_exported")]
     with serving(archives, tmp_path_factory.mktemp("plain"), torchserve=str(launcher)) as run:
         yield run
@@ -130,3 +146,54 @@ def test_an_audio_archive_serves_any_wav_without_numpy_or_torchaudio(plain: RunD
     assert refused.status_code == 400 and "the file is cut short or its header lies" in refused.json()["message"]
     flac = Api(plain).predict("spoken_digits", b"fLaC\x00\x00\x00\x22" + bytes(40), content_type="audio/flac")
     assert flac.status_code == 415 and "pip install soundfile" in flac.json()["message"]
+
+
+def _in_process(archive: Path, bodies: list[tuple[bytes, str]], into: Path) -> list[dict]:
+    with load(archive, into=into) as model:
+        answers = [model.predict(body, content_type, {}) for body, content_type in bodies]
+    assert all(a.status == 200 for a in answers), [a.body for a in answers]
+    return [json.loads(a.body) for a in answers]
+
+
+def _by_index(predictions: list[dict]) -> dict[int, float]:
+    return {p["index"]: p["probability"] for p in predictions}
+
+
+def test_a_users_bert_style_model_answers_what_it_answers_in_process(plain: RunDir, bert_project: text.TextProject, tmp_path: Path) -> None:
+    """input_ids, attention_mask and token_type_ids from the user's tokenizer.json; the answer is the model's own, on either host."""
+    assert ts_manage(plain, "register", "tinybert.mar").returncode == 0
+    texts = ["i loved the music and the story", "dull, slow, a tedious plot " * 6]
+    bodies = [(json.dumps({"inputs": texts}).encode(), "application/json"), (texts[0].encode(), "text/plain"),
+              (json.dumps({"instances": texts}).encode(), "application/json")]
+    here = _in_process(bert_project.archive, bodies, tmp_path / "unpacked")
+    served = [Api(plain).predict("tinybert", body, content_type=content_type) for body, content_type in bodies]
+    assert [r.status_code for r in served] == [200, 200, 200], [r.text for r in served]
+    probabilities, _ = text.expected(bert_project, texts)
+    for row, expected in zip(served[0].json()["predictions"], probabilities, strict=True):
+        np.testing.assert_allclose([_by_index(row)[i] for i in range(3)], expected.numpy(), rtol=1e-5, atol=1e-6)
+    for answer, local in zip(served, here, strict=True):
+        assert answer.json().keys() == local.keys()
+    assert served[0].json()["predictions"][1][0]["class"] == here[0]["predictions"][1][0]["class"]
+    assert served[0].json().get("truncated") == here[0].get("truncated")
+    for mine, theirs in ((served[0].json()["predictions"], here[0]["predictions"]), ([served[1].json()["predictions"]], [here[1]["predictions"]])):
+        for a, b in zip(mine, theirs, strict=True):
+            assert [p["class"] for p in a] == [p["class"] for p in b]
+            np.testing.assert_allclose([p["probability"] for p in a], [p["probability"] for p in b], rtol=1e-5, atol=1e-7)
+    refused = Api(plain).predict("tinybert", json.dumps({"inputs": ["fine", ""]}))
+    assert refused.status_code == 400 and refused.json()["message"] == "text 1 is empty: send the text to classify"
+
+
+def test_a_users_audio_model_answers_what_it_answers_in_process(plain: RunDir, mel_project: audio.AudioProject, tmp_path: Path) -> None:
+    """A 44.1 kHz stereo WAV and an 8 kHz mono one: mono, resampled, log-mel in torch on a host without numpy."""
+    assert ts_manage(plain, "register", "clip_log_mel.mar").returncode == 0
+    clips = [(audio.tone(0.6, 44100, channels=2, seed=1), 44100), (audio.tone(0.3, 8000, seed=2), 8000)]
+    bodies = [(audio.wav_file(signal, rate), "audio/wav") for signal, rate in clips]
+    here = _in_process(mel_project.archive, bodies, tmp_path / "unpacked")
+    for (body, content_type), local, (signal, rate) in zip(bodies, here, clips, strict=True):
+        reply = Api(plain).predict("clip_log_mel", body, content_type=content_type)
+        assert reply.status_code == 200, reply.text
+        served = _by_index(reply.json()["predictions"])
+        np.testing.assert_allclose([served[i] for i in range(3)], [_by_index(local["predictions"])[i] for i in range(3)], rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose([served[i] for i in range(3)], audio.expected(mel_project, signal, rate).numpy(), rtol=2e-3, atol=1e-4)
+    too_long = Api(plain).predict("clip_log_mel", audio.wav_file(audio.tone(6.0, 8000), 8000), content_type="audio/wav")
+    assert too_long.status_code == 400 and too_long.json()["message"] == "audio: 6.00 s long, more than the limit of 5 s"
