@@ -214,26 +214,75 @@ def resample(signal: torch.Tensor, rate_in: int, rate_out: int) -> torch.Tensor:
     if max(up, down) > MAX_RATIO_TERM:
         raise InvalidInput(f"audio: {rate_in} Hz cannot be resampled to {rate_out} Hz here (their ratio is {up}/{down}); "
                            "send a common rate (8000, 16000, 22050, 44100, 48000 Hz)")
+    plan = _plan(up, down)
+    n_out = -(-signal.shape[0] * up // down)
+    padded = torch.cat([torch.zeros(plan.taps, dtype=torch.float64), signal.to(torch.float64),
+                        torch.zeros(plan.taps, dtype=torch.float64)])
+    out = _by_blocks(padded, plan, n_out) if plan.block is not None else _by_windows(padded, plan, n_out)
+    return out.to(torch.float32)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What one ratio ``up/down`` needs, computed once: the filter as a bank of ``up`` phases, where output ``n``
+    starts in the zero-stuffed signal, and (when small enough) the block matrix of :func:`_by_blocks`."""
+
+    up: int
+    down: int
+    taps: int
+    bank: torch.Tensor  # bank[p, j] = h[p + j * up]
+    pre_pad: int
+    pre_remove: int
+    block: torch.Tensor | None  # [width, up]: output k * up + r = padded[k * down + lo : ... + width] @ block[:, r]
+    lo: int
+
+
+BLOCK_LIMIT = 1 << 20  # entries of the block matrix (8 MiB of float64); beyond it outputs are gathered in chunks
+
+
+@lru_cache(maxsize=16)
+def _plan(up: int, down: int) -> _Plan:
     h, half = _polyphase(up, down)
-    n_in = signal.shape[0]
-    n_out = -(-n_in * up // down)
+    taps = -(-h.shape[0] // up)
+    flat = torch.cat([h, torch.zeros(taps * up - h.shape[0], dtype=torch.float64)])
+    bank = flat.reshape(taps, up).T.contiguous()
     pre_pad = down - half % down
     pre_remove = (half + pre_pad) // down
-    x = signal.to(torch.float64)
-    taps = -(-h.shape[0] // up)
-    bank = torch.zeros(up, taps, dtype=torch.float64)  # bank[p, j] = h[p + j * up]
-    flat = torch.cat([h, torch.zeros(taps * up - h.shape[0], dtype=torch.float64)])
-    bank[:, :] = flat.reshape(taps, up).T
+    # Outputs n = k * up + r share the phase of r and start `down` inputs further on per k: one matrix product.
+    t = (torch.arange(up) + pre_remove) * down - pre_pad
+    base, phase = torch.div(t, up, rounding_mode="floor"), t % up
+    lo = int(base.min()) + 1
+    width = int(base.max()) + taps - lo + 1
+    if width * up > BLOCK_LIMIT:
+        return _Plan(up, down, taps, bank, pre_pad, pre_remove, None, 0)
+    block = torch.zeros(width, up, dtype=torch.float64)
+    j = torch.arange(taps)
+    for r in range(up):
+        block[int(base[r]) + taps - lo - j, r] = bank[int(phase[r]), j]
+    return _Plan(up, down, taps, bank, pre_pad, pre_remove, block, lo)
+
+
+def _by_blocks(padded: torch.Tensor, plan: _Plan, n_out: int) -> torch.Tensor:
+    assert plan.block is not None
+    blocks = -(-n_out // plan.up)
+    width = plan.block.shape[0]
+    need = plan.lo + (blocks - 1) * plan.down + width
+    if padded.shape[0] < need:
+        padded = torch.cat([padded, torch.zeros(need - padded.shape[0], dtype=torch.float64)])
+    frames = padded[plan.lo:need].unfold(0, width, plan.down)
+    return (frames @ plan.block).reshape(-1)[:n_out]
+
+
+def _by_windows(padded: torch.Tensor, plan: _Plan, n_out: int) -> torch.Tensor:
     out = torch.empty(n_out, dtype=torch.float64)
-    padded = torch.cat([torch.zeros(taps, dtype=torch.float64), x, torch.zeros(taps, dtype=torch.float64)])
-    steps = torch.arange(taps)
+    steps = torch.arange(plan.taps)
     for first in range(0, n_out, 1 << 15):  # in chunks: gather windows of `taps` inputs per output
         n = torch.arange(first, min(first + (1 << 15), n_out))
-        t = (n + pre_remove) * down - pre_pad  # position in the zero-stuffed signal, relative to h[0]
-        base, phase = torch.div(t, up, rounding_mode="floor"), t % up
-        windows = padded[(base + taps).unsqueeze(1) - steps]
-        out[first:first + len(n)] = (windows * bank[phase]).sum(dim=1)
-    return out.to(torch.float32)
+        t = (n + plan.pre_remove) * plan.down - plan.pre_pad  # position in the zero-stuffed signal, relative to h[0]
+        base, phase = torch.div(t, plan.up, rounding_mode="floor"), t % plan.up
+        windows = padded[(base + plan.taps).unsqueeze(1) - steps]
+        out[first:first + len(n)] = (windows * plan.bank[phase]).sum(dim=1)
+    return out
 
 
 def fit_length(signal: torch.Tensor, samples: int) -> torch.Tensor:

@@ -61,7 +61,7 @@ def _init_options(sub: Any) -> None:
     i.add_argument("name", help="model name (letters, digits, _ - .)")
     i.add_argument("--model-file", type=Path, required=True, help="the Python file with the model class")
     i.add_argument("--class", dest="class_name", required=True, help="the torch.nn.Module subclass in it")
-    i.add_argument("--input", choices=list(INPUTS), required=True, help="what a request carries: rows of numbers, an image, or text")
+    i.add_argument("--input", choices=list(INPUTS), required=True, help="what a request carries: rows of numbers, an image, text or an audio clip")
     i.add_argument("--sample-shape", type=int, nargs="+",
                    help="a batch's shape, e.g. 2 30 or 2 3 224 224 (tabular: inferred from the first Linear; text: 2 16, [batch, tokens])")
     i.add_argument("--kwarg", action="append", default=[], help="a keyword argument of the class, name=value (repeatable)")

@@ -64,13 +64,14 @@ class Workload:
     """One model as every system serves it."""
 
     model: str           # the archive name in the model store
-    kind: str            # "tabular" or "digits": which stock handler and LitServe decoder
+    kind: str            # "tabular", "digits", "text" or "audio": which stock handler and LitServe decoder
     model_file: Path
     class_name: str
     weights: Path
     body: bytes          # what wrk sends to TorchServe
     content_type: str
     litserve_body: bytes  # LitServe decodes JSON only
+    extra_files: tuple[Path, ...] = ()  # what the stock handler reads beside the weights (a tokenizer)
 
 
 @dataclass
@@ -108,13 +109,25 @@ class Cell:
     server_cpu_us: float  # server CPU per request, microseconds
 
 
-def workloads(image: Path) -> dict[str, Workload]:
+STOCK_HANDLERS = {"tabular": "stock_tabular.py", "digits": "stock_digits.py", "text": "stock_text.py", "audio": "stock_audio.py"}
+
+
+def workloads(image: Path, review: Path = Path("docs/review.txt"), clip: Path = Path("docs/seven.wav")) -> dict[str, Workload]:
+    """The four examples, each with the body its README curl line sends (the text as JSON, for LitServe too)."""
     png = image.read_bytes()
+    text = json.dumps({"text": review.read_text().strip()}).encode() if review.is_file() else b""
+    wav = clip.read_bytes() if clip.is_file() else b""
     return {
         "net": Workload("net", "tabular", Path("examples/net/models/net.py"), "Net", Path("examples/net/artifacts/net.pt"),
                         json.dumps(ROW).encode(), "application/json", json.dumps(ROW).encode()),
         "digits": Workload("digits", "digits", Path("examples/digits/models/digits.py"), "DigitsCNN", Path("examples/digits/artifacts/digits.pt"),
                            png, "image/png", json.dumps({"image": base64.b64encode(png).decode()}).encode()),
+        "sentiment": Workload("sentiment", "text", Path("examples/sentiment/models/sentiment.py"), "SentimentBag",
+                              Path("examples/sentiment/artifacts/sentiment.pt"), text, "application/json", text,
+                              (Path("examples/sentiment/artifacts/sentiment_tokenizer.json"),)),
+        "spoken_digits": Workload("spoken_digits", "audio", Path("examples/spoken_digits/models/spoken_digits.py"), "SpokenDigitNet",
+                                  Path("examples/spoken_digits/artifacts/spoken_digits.pt"), wav, "audio/wav",
+                                  json.dumps({"audio": base64.b64encode(wav).decode()}).encode()),
     }
 
 
@@ -128,11 +141,12 @@ def stock_archive(work: Workload, name: str, store: Path, serve: dict, torch_thr
             config["handler"] = {"torch_threads": torch_threads}
         config_file = Path(tmp, "model-config.yaml")
         config_file.write_text(json.dumps(config))  # JSON is YAML
-        handler = BASELINES / ("stock_tabular.py" if work.kind == "tabular" else "stock_digits.py")
+        handler = BASELINES / STOCK_HANDLERS[work.kind]
         archiver = Path(sys.executable).with_name("torch-model-archiver")
+        extra = ["--extra-files", ",".join(str(p) for p in work.extra_files)] if work.extra_files else []
         subprocess.run([str(archiver), "--model-name", name, "--version", "1.0", "--model-file", str(work.model_file),
                         "--serialized-file", str(work.weights), "--handler", str(handler), "--config-file", str(config_file),
-                        "--export-path", str(store), "--force"], check=True, capture_output=True)
+                        "--export-path", str(store), "--force", *extra], check=True, capture_output=True)
     return store / f"{name}.mar"
 
 
@@ -140,6 +154,7 @@ def start_litserve(work: Workload, log: Path, timeout: float = 120.0) -> tuple[s
     [port] = free_ports(1)
     command = [sys.executable, "-m", "tools.baselines.litserve_app", "--kind", work.kind, "--model-file", str(work.model_file),
                "--class", work.class_name, "--weights", str(work.weights), "--port", str(port)]
+    command += [a for path in work.extra_files for a in ("--extra-file", str(path))]
     with open(log, "wb") as out:
         proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + timeout
@@ -238,11 +253,30 @@ def measure(system: System, level: int, seconds: float, scratch: Path, repeat: i
     return Cell(system.name, repeat, result, used / max(result.requests, 1) * 1e6)
 
 
+def answer_of(system: System) -> str:
+    """What ``system`` answers the workload's body, reduced to what every system must agree on (the top class, or the
+    values to 4 decimals): systems that compute different things are not compared (a stock decoder may differ in the
+    last digits of a probability, not in the class)."""
+    headers = {"Content-Type": system.content_type, **({"Authorization": f"Bearer {system.token}"} if system.token else {})}
+    reply = requests.post(system.url, data=system.body, headers=headers, timeout=120)
+    if reply.status_code != 200:
+        raise ScriptError(f"{system.name} answered the benchmark's body with HTTP {reply.status_code}: {reply.text[:300]}")
+    first = reply.json()["predictions"][0]
+    if isinstance(first, dict):
+        return f"class {first['class']}"
+    return "values " + ", ".join(f"{v:.4f}" for v in first)
+
+
 def bench(work: Workload, names: Sequence[str], levels: Sequence[int], seconds: float, repeats: int, warmup: float,
-          store: Path, progress) -> dict[tuple[str, int], list[Cell]]:
-    """Warm every system up, then interleave levels and systems, ``repeats`` times, rotating the order."""
+          store: Path, progress) -> tuple[dict[tuple[str, int], list[Cell]], str]:
+    """Check that every system gives the same answer, warm them up, then interleave levels and systems, ``repeats``
+    times, rotating the order. Returns the cells and the answer."""
     cells: dict[tuple[str, int], list[Cell]] = {}
     with tempfile.TemporaryDirectory(prefix="ts-bench-") as tmp, running_systems(work, names, store, Path(tmp), progress) as systems:
+        answers = {system.name: answer_of(system) for system in systems}
+        if len(set(answers.values())) > 1:
+            raise ScriptError(f"{work.model}: the systems answer differently: " + "; ".join(f"{k}: {v}" for k, v in answers.items()))
+        progress(f"{work.model}: every system answers {next(iter(answers.values()))}")
         for system in systems:
             progress(f"{work.model}: warming {system.name} up for {warmup:.0f}s")
             measure(system, max(levels), warmup, Path(tmp), -1)
@@ -258,7 +292,7 @@ def bench(work: Workload, names: Sequence[str], levels: Sequence[int], seconds: 
                     r = cell.result
                     progress(f"[{done}/{total}] {work.model} {system.name:12s} c={level:<3d} {r.rps:8,.0f} req/s  p50 {r.p50_ms:6.2f}  "
                              f"p99 {r.p99_ms:7.2f} ms  errors {r.errors}  server {cell.server_cpu_us:5.0f} us/req  wrk {r.client_cpu_s / r.seconds:.2f} core")
-    return cells
+    return cells, next(iter(answers.values()), "")
 
 
 # -- summarising --------------------------------------------------------------------
@@ -330,8 +364,9 @@ def plain_verdicts(table: dict[tuple[str, int], Summary], levels: Sequence[int])
     return out
 
 
-def markdown(model: str, table: dict[tuple[str, int], Summary], names: Sequence[str], levels: Sequence[int]) -> str:
-    rows = [f"### `{model}`", "",
+def markdown(model: str, table: dict[tuple[str, int], Summary], names: Sequence[str], levels: Sequence[int], answer: str = "") -> str:
+    said = [f"Every system answers the body with the same {answer} (checked before measuring).", ""] if answer else []
+    rows = [f"### `{model}`", "", *said,
             "| system | clients | req/s (range) | p50 ms | p90 ms | p99 ms | errors | server CPU µs/req | wrk cores |",
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for level in levels:
@@ -420,7 +455,8 @@ def _tables(rows: list[dict]) -> dict[tuple[str, int], Summary]:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="net,digits", help="comma-separated: net, digits (default: %(default)s)")
+    parser.add_argument("--models", default="net,digits,sentiment,spoken_digits",
+                        help="comma-separated: net, digits, sentiment, spoken_digits (default: %(default)s)")
     parser.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated, of: " + ", ".join(SYSTEMS))
     parser.add_argument("--levels", default="1,8,32,64", help="concurrent clients (default: %(default)s)")
     parser.add_argument("--seconds", type=float, default=4.0, help="seconds per cell (default: %(default)s)")
@@ -428,6 +464,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=float, default=15.0, help="warm-up seconds per system (default: %(default)s)")
     parser.add_argument("--model-store", type=Path, default=Path("model_store"))
     parser.add_argument("--image", type=Path, default=Path("docs/images/digit.png"), help="the PNG body for digits")
+    parser.add_argument("--review", type=Path, default=Path("docs/review.txt"), help="the text body for sentiment")
+    parser.add_argument("--clip", type=Path, default=Path("docs/seven.wav"), help="the WAV body for spoken_digits")
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks.md"), help="the page (its .png and .json go beside it)")
     parser.add_argument("--from-json", type=Path, help="render the page again from a previous run's .json, without measuring")
     return parser
@@ -445,20 +483,20 @@ def main(argv: list[str] | None = None) -> int:
             wrk_path()
             if unknown:
                 raise ScriptError(f"unknown system(s) {', '.join(unknown)}; known: {', '.join(SYSTEMS)}")
-            works = workloads(args.image)
+            works = workloads(args.image, args.review, args.clip)
             chosen = [m for m in args.models.split(",") if m]
             for model in chosen:
                 if model not in works:
                     raise ScriptError(f"unknown model {model!r}: ts-bench knows {', '.join(works)}")
                 if not (args.model_store / f"{model}.mar").is_file():
                     raise ScriptError(f"{args.model_store / model}.mar does not exist: make mar")
-            recorded = {"header": header(args), "names": names, "levels": levels, "profiles": {}, "cells": {}}
+            recorded = {"header": header(args), "names": names, "levels": levels, "profiles": {}, "cells": {}, "answers": {}}
             for model in chosen:
                 work = works[model]
                 print(f"{model}: profiling one batch in-process (TorchServe's Service.predict and the handler's stages)", file=sys.stderr)
                 recorded["profiles"][model] = profile_table(model, profile_archive(args.model_store / f"{model}.mar", work.body, work.content_type))
-                cells = bench(work, names, levels, args.seconds, args.repeats, args.warmup, args.model_store,
-                              lambda line: print(line, file=sys.stderr, flush=True))
+                cells, recorded["answers"][model] = bench(work, names, levels, args.seconds, args.repeats, args.warmup, args.model_store,
+                                                          lambda line: print(line, file=sys.stderr, flush=True))
                 recorded["cells"][model] = [{"system": c.system, "repeat": c.repeat, "server_cpu_us": round(c.server_cpu_us, 1), **c.result.to_dict()}
                                             for value in cells.values() for c in value]
             args.out.with_suffix(".json").write_text(json.dumps(recorded, indent=1) + "\n")
@@ -472,7 +510,7 @@ def main(argv: list[str] | None = None) -> int:
     generated = "\n".join([
         recorded["header"],
         "",
-        *[markdown(model, table, names, levels) for model, table in results.items()],
+        *[markdown(model, table, names, levels, recorded.get("answers", {}).get(model, "")) for model, table in results.items()],
         f"![req/s and p99 against concurrent clients, per system]({png.name})",
         "",
         "### Inside the worker: one batch, stage by stage",

@@ -206,8 +206,10 @@ def _probabilities(answer: serveready.Answer) -> torch.Tensor:
 
 
 def test_the_resampler_is_scipys_resample_poly() -> None:
+    """Both paths (one matrix product per block of outputs, and windows gathered when the block is too big)."""
     rng = np.random.default_rng(0)
-    for rate_in, rate_out, n in [(22050, 8000, 9001), (44100, 16000, 4410), (8000, 16000, 3000), (48000, 16000, 4800), (11025, 8000, 777), (8000, 44100, 500)]:
+    for rate_in, rate_out, n in [(22050, 8000, 9001), (44100, 16000, 4410), (8000, 16000, 3000), (48000, 16000, 4800), (11025, 8000, 777), (8000, 44100, 500),
+                              (22050, 8000, 1), (8000, 48000, 5), (8001, 8000, 3000)]:  # 8001/8000: too big a block, gathered
         x = rng.normal(size=n)
         g = np.gcd(rate_in, rate_out)
         want = resample_poly(x, rate_out // g, rate_in // g)
