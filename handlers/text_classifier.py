@@ -142,6 +142,11 @@ class TextClassifierHandler(BatchHandler):
         ids = inputs[0] if isinstance(inputs, tuple) else inputs
         return self.tokenizer.decode([int(i) for i in ids.tolist() if int(i) != self.pad_id])
 
+    def sample_instance(self, seed: int) -> Any:
+        """A text of eight of the tokenizer's own tokens (seeded): random ids of the input shape are mostly padding."""
+        ids = torch.randint(0, self.tokenizer.get_vocab_size(), (8,), generator=torch.Generator().manual_seed(seed)).tolist()
+        return self.tokenizer.decode(ids, skip_special_tokens=True).strip() or "a sample text"
+
     def _texts(self, value: Any) -> list[str]:
         if not isinstance(value, list) or not value:
             raise InvalidInput(f"'inputs' must be a non-empty list of texts (strings), got {_kind(value)}")

@@ -10,8 +10,11 @@ from pathlib import Path
 from tests.conftest import ROOT
 
 #: each layer's folder in the repository, and the layers it may import (its own included)
-LAYERS = {"handlers": {"handlers"}, "archiver": {"archiver", "handlers"}, "scripts": {"scripts", "archiver", "handlers"}}
-FOLDERS = {"handlers": ROOT / "handlers", "archiver": ROOT / "archiver", "scripts": ROOT / "scripts"}
+#: hosts: the modules at the package's top (serveready.hosting, .kserve, .ray): other servers, on the handler core only
+LAYERS = {"handlers": {"handlers"}, "archiver": {"archiver", "handlers"}, "scripts": {"scripts", "archiver", "handlers"},
+          "hosts": {"hosts", "handlers"}}
+FOLDERS = {"handlers": ROOT / "handlers", "archiver": ROOT / "archiver", "scripts": ROOT / "scripts", "hosts": ROOT / "serveready"}
+HOSTS = {"hosting", "kserve", "_kserve_server", "ray"}
 
 
 def _imports(path: Path, layer: str, top_level_only: bool = False) -> list[tuple[str, int]]:
@@ -19,7 +22,7 @@ def _imports(path: Path, layer: str, top_level_only: bool = False) -> list[tuple
     tree = ast.parse(path.read_text())
     nodes = tree.body if top_level_only else list(ast.walk(tree))
     found = []
-    package = ["serveready", layer]
+    package = ["serveready"] if layer == "hosts" else ["serveready", layer]
     for node in nodes:
         if isinstance(node, ast.Import):
             found += [(alias.name, node.lineno) for alias in node.names if alias.name.startswith("serveready")]
@@ -30,13 +33,15 @@ def _imports(path: Path, layer: str, top_level_only: bool = False) -> list[tuple
             else:
                 module = node.module or ""
             if module.startswith("serveready"):
-                names = [f"{module}.{a.name}" if module in ("serveready", f"serveready.{layer}") and not node.module else module for a in node.names]
+                names = [f"{module}.{a.name}" if module in ("serveready", ".".join(package)) and not node.module else module for a in node.names]
                 found += [(name, node.lineno) for name in names]
     return found
 
 
 def _layer(module: str) -> str | None:
     parts = module.split(".")
+    if len(parts) > 1 and parts[1] in HOSTS:
+        return "hosts"
     return parts[1] if len(parts) > 1 and parts[1] in LAYERS else None
 
 
@@ -51,6 +56,17 @@ def test_no_layer_imports_one_above_it() -> None:
     assert wrong == []
 
 
+def test_the_hosts_stand_on_the_handler_core_only(tmp_path: Path) -> None:
+    """serveready.kserve and serveready.ray import the handler core and each other, never the archiver or the scripts
+    (a host serves built archives); and nothing below imports them."""
+    bad = tmp_path / "bad.py"
+    bad.write_text("from . import hosting\nfrom .handlers.host import load\nfrom .archiver import build\n")
+    assert [_layer(m) for m, _ in _imports(bad, "hosts")] == ["hosts", "handlers", "archiver"]
+    hosts = [m for layer in ("handlers", "archiver", "scripts") for path in FOLDERS[layer].glob("*.py") for m, _ in _imports(path, layer)
+             if _layer(m) == "hosts"]
+    assert hosts == []
+
+
 def test_the_layer_check_sees_an_upward_import(tmp_path: Path) -> None:
     """The check above can fail: a handler module importing the archiver, relatively or not, is caught."""
     bad = tmp_path / "bad.py"
@@ -62,7 +78,7 @@ def test_modules_import_each_other_without_cycles() -> None:
     graph: dict[str, set[str]] = {}
     for layer, folder in FOLDERS.items():
         for path in folder.glob("*.py"):
-            name = f"serveready.{layer}.{path.stem}".removesuffix(".__init__")
+            name = (f"serveready.{path.stem}" if layer == "hosts" else f"serveready.{layer}.{path.stem}").removesuffix(".__init__")
             graph[name] = {m for m, _ in _imports(path, layer, top_level_only=True) if m in graph or _layer(m)}
     known = set(graph)
     graph = {k: {m for m in v if m in known and m != k} for k, v in graph.items()}
