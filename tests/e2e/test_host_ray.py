@@ -1,0 +1,209 @@
+"""``serveready.ray:app`` on a real two-node Ray cluster on loopback, started and driven as a user would:
+``ray start --head`` and ``ray start --address`` (each node with its own CPU), ``serve start``, ``serve run
+serveready.ray:app store=...``, then HTTP. Replicas on both nodes; the archives' answers byte for byte what
+TorchServe answers (through ``serveready.load``, which ``test_load`` holds to TorchServe); one replica killed
+under load.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import pytest
+import requests
+
+import serveready
+from serveready.scripts.server import free_ports
+from tests.e2e.test_load import ROWS, corpus_of
+
+pytest.importorskip("ray.serve", reason="pip install 'serveready[ray]' (make setup installs it)")
+MODELS = ("net", "digits", "sentiment", "spoken_digits")
+BIN = Path(sys.executable).parent
+
+
+@dataclass(frozen=True)
+class Cluster:
+    address: str       # the GCS, 127.0.0.1:PORT
+    url: str           # Serve's HTTP proxy
+    dashboard: str
+    temp: Path
+    log: Path
+
+
+def _run(command: list[str], log: Path, timeout: float = 180) -> None:
+    with log.open("ab") as out:
+        out.write(f"\n$ {' '.join(command)}\n".encode())
+        out.flush()
+        done = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, timeout=timeout, env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
+    if done.returncode != 0:
+        pytest.fail(f"{' '.join(command[:3])} failed ({done.returncode}):\n{log.read_text()[-3000:]}")
+
+
+def _ours(temp: Path, gcs: int) -> list[psutil.Process]:
+    """The processes of this cluster only: those whose command lines carry its temp dir or its GCS port, and their
+    children (Ray's agents and workers rename themselves, ``ray::DashboardAgent``, and carry neither)."""
+    found: dict[int, psutil.Process] = {}
+    for process in psutil.process_iter(["cmdline"]):
+        line = " ".join(process.info["cmdline"] or [])
+        if str(temp) in line or f"127.0.0.1:{gcs}" in line or f"--gcs_server_port={gcs}" in line:
+            found[process.pid] = process
+            try:
+                found.update({child.pid: child for child in process.children(recursive=True)})
+            except psutil.Error:
+                pass
+    return list(found.values())
+
+
+@contextmanager
+def ray_cluster(log: Path) -> Iterator[Cluster]:
+    temp = Path(tempfile.mkdtemp(prefix="sr-ray-", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
+    gcs, dashboard, agent_head, agent_node, http, client = free_ports(6)
+    ray = str(BIN / "ray")
+    node = ["--node-ip-address=127.0.0.1", "--num-cpus=1", "--disable-usage-stats"]
+    try:
+        _run([ray, "start", "--head", f"--port={gcs}", f"--temp-dir={temp}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+              f"--dashboard-port={dashboard}", f"--dashboard-agent-listen-port={agent_head}", f"--ray-client-server-port={client}",
+              "--min-worker-port=21000", "--max-worker-port=21499", *node], log)
+        _run([ray, "start", f"--address=127.0.0.1:{gcs}", f"--dashboard-agent-listen-port={agent_node}",
+              "--min-worker-port=21500", "--max-worker-port=21999", *node], log)
+        _run([str(BIN / "serve"), "start", f"--address=127.0.0.1:{gcs}", "--http-host=127.0.0.1", f"--http-port={http}",
+              "--proxy-location=HeadOnly"], log)
+        yield Cluster(f"127.0.0.1:{gcs}", f"http://127.0.0.1:{http}", f"http://127.0.0.1:{dashboard}", temp, log)
+    finally:
+        processes = _ours(temp, gcs)
+        for process in processes:
+            try:
+                process.terminate()
+            except psutil.Error:
+                pass
+        _, alive = psutil.wait_procs(processes, timeout=15)
+        for process in alive:
+            try:
+                process.kill()
+            except psutil.Error:
+                pass
+
+
+@pytest.fixture(scope="module")
+def store(net_archive: Path, digits_archive: Path, sentiment_archive: Path, spoken_digits_archive: Path,
+          tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("ray") / "model_store"
+    folder.mkdir()
+    for name, path in zip(MODELS, (net_archive, digits_archive, sentiment_archive, spoken_digits_archive), strict=True):
+        (folder / f"{name}.mar").write_bytes(path.read_bytes())
+    return folder
+
+
+@pytest.fixture(scope="module")
+def cluster(store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    log = tmp_path_factory.mktemp("ray-log") / "ray.log"
+    with ray_cluster(log) as running:
+        _run([str(BIN / "serve"), "run", f"--address={running.address}", "--non-blocking", "serveready.ray:app", f"store={store}"], log, timeout=300)
+        deadline = time.monotonic() + 240
+        while True:
+            try:
+                if all(requests.get(f"{running.url}/v2/models/{m}/ready", timeout=5).status_code == 200 for m in MODELS):
+                    break
+            except requests.ConnectionError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"the Serve application was not ready in 240 s:\n{log.read_text()[-3000:]}")
+            time.sleep(1)
+        yield running
+
+
+def _replicas(cluster: Cluster, model: str) -> list[dict]:
+    from ray.util.state import list_actors
+
+    actors = list_actors(address=cluster.dashboard, filters=[("state", "=", "ALIVE")], limit=1000, raise_on_missing_output=False)
+    return [a.__dict__ if not isinstance(a, dict) else a for a in actors if (a["class_name"] if isinstance(a, dict) else a.class_name) == f"ServeReplica:default:{model}"]
+
+
+def _post(cluster: Cluster, path: str, body: bytes, content_type: str | None, headers: dict[str, str] | None = None) -> requests.Response:
+    sent = dict(headers or {})
+    if content_type is not None:
+        sent["Content-Type"] = content_type
+    return requests.post(f"{cluster.url}{path}", data=body, headers=sent, timeout=60)
+
+
+def test_replicas_run_on_both_nodes(cluster: Cluster) -> None:
+    nodes = {r["node_id"] for m in MODELS for r in _replicas(cluster, m)}
+    assert len(nodes) == 2, nodes
+    assert len(_replicas(cluster, "net")) == 2  # net's serve: minWorkers = maxWorkers = 2
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_every_archive_answers_on_ray_what_it_answers_on_torchserve(name: str, cluster: Cluster, store: Path, tmp_path: Path) -> None:
+    with serveready.load(store / f"{name}.mar", into=tmp_path / "unpacked") as model:
+        for what, body, content_type, headers in corpus_of(name):
+            answer = model.predict(body, content_type, headers)
+            for route in (f"/predictions/{name}", f"/v1/models/{name}:predict"):
+                reply = _post(cluster, route, body, content_type, headers)
+                assert (reply.status_code, reply.headers.get("content-type")) == (answer.status, answer.content_type), (what, route, reply.text[:300])
+                assert reply.content == answer.body, (what, route, reply.content[:300], answer.body[:300])
+        what, body, content_type, headers = corpus_of(name)[0]
+        reply = _post(cluster, f"/explanations/{name}", body, content_type, headers)
+        assert (reply.status_code, reply.content) == ((e := model.explain(body, content_type, headers)).status, e.body)
+
+
+def test_ping_metadata_limits_and_unknown_models(cluster: Cluster) -> None:
+    assert requests.get(f"{cluster.url}/ping", timeout=10).json() == {"status": "Healthy"}
+    assert requests.get(f"{cluster.url}/v2/models/net", timeout=10).json()["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 10]}]
+    huge = _post(cluster, "/predictions/net", b"x" * (8 * 2**20 + 1), "application/json")
+    assert huge.status_code == 413 and "more than the limit of 8,388,608 bytes" in huge.json()["message"]
+    missing = _post(cluster, "/predictions/nothing", b"{}", "application/json")
+    assert missing.status_code == 404 and missing.json()["message"] == "Model not found: nothing"
+    logs = "".join(p.read_text(errors="replace") for p in cluster.temp.glob("session_*/logs/**/*") if p.suffix in (".log", ".err", ".out"))
+    assert "net on Ray Serve (replica pid" in logs and "net.mar runs with torch float32 on cpu" in logs
+
+
+def test_a_replica_killed_under_load_loses_no_request(cluster: Cluster) -> None:
+    body = json.dumps({"inputs": ROWS[0].tolist()}).encode()
+    good = _post(cluster, "/predictions/net", body, "application/json").content
+    expected = json.loads(good)["predictions"][0][0]
+    [victim, *_] = _replicas(cluster, "net")
+    results: list[tuple[int, bytes, float]] = []
+    stop_at = time.monotonic() + 12
+
+    def client() -> None:
+        while time.monotonic() < stop_at:
+            began = time.monotonic()
+            try:
+                reply = _post(cluster, "/predictions/net", body, "application/json")
+                results.append((reply.status_code, reply.content, began))
+            except requests.RequestException as err:
+                results.append((-1, str(err).encode(), began))
+
+    with ThreadPoolExecutor(4) as pool:
+        running = [pool.submit(client) for _ in range(4)]
+        time.sleep(3)
+        killed = time.monotonic()
+        os.kill(victim["pid"], signal.SIGKILL)
+        for future in running:
+            future.result()
+    def is_right(status: int, content: bytes) -> bool:  # alone or in a batch of two: the same number to float32 rounding
+        return status == 200 and abs(json.loads(content)["predictions"][0][0] - expected) <= 1e-5 * max(1.0, abs(expected))
+
+    right = sum(1 for status, content, _ in results if is_right(status, content))
+    wrong = [(s, c[:200]) for s, c, _ in results if not is_right(s, c) and not (s >= 500 and c)]
+    assert wrong == [], wrong  # every request answered right, or a 5xx with a body: none hung, none wrong
+    assert right / len(results) > 0.9, (right, len(results))
+    deadline = killed + 60
+    while len(_replicas(cluster, "net")) < 2 or victim["actor_id"] in {r["actor_id"] for r in _replicas(cluster, "net")}:
+        assert time.monotonic() < deadline, "no replacement replica within 60 s"
+        time.sleep(0.5)
+    back = time.monotonic() - killed
+    assert is_right(*(lambda r: (r.status_code, r.content))(_post(cluster, "/predictions/net", body, "application/json")))
+    print(f"ray: {len(results)} requests, {right} right, {len(results) - right} 5xx; a replacement replica alive {back:.1f} s after the kill")
