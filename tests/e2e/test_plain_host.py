@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from serveready import load
 from serveready.scripts.runinfo import RunDir
 from tests.conftest import (
     RGB_HANDLER,
@@ -26,7 +27,6 @@ from tests.conftest import (
     sentiment_probabilities,
     spoken_digits_model,
 )
-from serveready import load
 from tests.e2e.conftest import PLAIN, Api, plain_launcher, serving
 from tests.e2e.test_serve import ts_manage
 from tests.unit import test_audio_classifier as audio
