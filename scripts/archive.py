@@ -49,6 +49,13 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("names", nargs="*", help="model names (default: every fp32 config)")
     x.add_argument("--out", type=Path, default=Path("triton_repository"), help="the repository folder (default: %(default)s)")
     _kserve_options(sub)
+    r = sub.add_parser("ray", help="write a Ray Serve config for the model store (serve deploy FILE): one deployment per archive")
+    r.add_argument("names", nargs="*", help="archive names (default: every .mar in the store)")
+    r.add_argument("--store", type=Path, default=Path("model_store"), help="where the built archives are (default: %(default)s)")
+    r.add_argument("--out", type=Path, default=Path("serve_config.yaml"), help="the config file (default: %(default)s)")
+    r.add_argument("--host", default="127.0.0.1", help="where Serve's HTTP proxy listens (default: %(default)s)")
+    r.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
+    r.add_argument("--num-cpus", type=float, default=0.25, help="CPUs each replica reserves (default: %(default)s)")
     _tune_options(sub)
     return parser
 
@@ -145,6 +152,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "sign":
             for archive in args.archives:
                 print(f"{archive}: signed, {Archive(archive).sign(args.key)}")
+            return 0
+        if args.command == "ray":
+            from serveready.archiver.ray_config import serve_config, write
+
+            out = write(serve_config(args.store, args.names, args.host, args.port, args.num_cpus), args.out)
+            print(f"wrote {out}: ray start --head, then serve deploy {out} (Serve's proxy on http://{args.host}:{args.port})")
             return 0
         specs = load_specs(args.configs, args.names or None)
         if args.command == "triton":

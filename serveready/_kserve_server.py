@@ -38,10 +38,6 @@ from . import hosting
 
 logger = logging.getLogger("serveready.kserve")
 
-#: routes anybody may call, key or not (probes and scrapers carry none)
-OPEN_PATHS = ("/", "/metrics", "/v2/health/live", "/v2/health/ready")
-
-
 class ArchiveModel(kserve.Model):
     """One archive as a KServe model. HTTP inference never reaches KServe's decoding (see :class:`InferenceRoutes`);
     gRPC does, and is handed to the handler as the equivalent v2 binary request."""
@@ -123,7 +119,7 @@ class InferenceRoutes:
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
         path = scope["path"]
-        if not _open(path) and not hosting.key_matches(headers, self.key):
+        if not hosting.is_open(path) and not hosting.key_matches(headers, self.key):
             return await _send(send, hosting.unauthorized())
         if path == "/ping" and scope["method"] == "GET":
             ready = all(m.ready for m in self.models.values())
@@ -144,10 +140,6 @@ class InferenceRoutes:
         content_type = headers.get("content-type")
         ask = model.batcher.explain if found.verb == hosting.EXPLAIN else model.batcher.predict
         return await _send(send, await ask(body, content_type, headers))
-
-
-def _open(path: str) -> bool:
-    return path in OPEN_PATHS or (path.startswith("/v2/models/") and path.endswith("/ready")) or (path.startswith("/v1/models/") and ":" not in path)
 
 
 async def _body(receive: Any, limit: int) -> bytes | None:

@@ -94,6 +94,16 @@ def batch_size(model: Model) -> int:
     return model.archive.batch_size
 
 
+#: routes anybody may call, key or not: probes and scrapers carry none (TorchServe's /ping does need it)
+OPEN_PATHS = ("/", "/metrics", "/v2/health/live", "/v2/health/ready")
+
+
+def is_open(path: str) -> bool:
+    """Whether ``path`` is a health, readiness or metrics route (no key needed)."""
+    return (path in OPEN_PATHS or (path.startswith("/v2/models/") and path.endswith("/ready"))
+            or (path.startswith("/v1/models/") and ":" not in path))
+
+
 def key_matches(headers: Mapping[str, str], key: str | None) -> bool:
     """Whether the request carries ``Authorization: Bearer <key>`` (always, when no key is set)."""
     if not key:
@@ -242,5 +252,5 @@ def log_runs_with(model: Model, host: str) -> None:
     logger.info("%s on %s: %s runs with %s (batch size %d)", model.name, host, model.archive.path.name, model.runs_with, batch_size(model))
 
 
-__all__ = ["EXPLAIN", "MAX_BODY", "PREDICT", "Batcher", "MetricsCollector", "Route", "archives", "batch_size", "key_matches",
+__all__ = ["EXPLAIN", "MAX_BODY", "OPEN_PATHS", "PREDICT", "Batcher", "MetricsCollector", "Route", "archives", "batch_size", "is_open", "key_matches",
            "log_runs_with", "metadata", "model_not_found", "route", "sample_request", "too_large", "unauthorized"]

@@ -98,7 +98,7 @@ class Ingress:
         path = request.url.path
         if path in ("/v2/health/live", "/v2/health/ready"):
             return Response(status_code=200)
-        if not hosting.key_matches(headers, self.key):
+        if not hosting.is_open(path) and not hosting.key_matches(headers, self.key):
             return _response(hosting.unauthorized())
         if path == "/ping":
             return Response(json.dumps({"status": "Healthy"}, indent=2) + "\n", media_type="application/json")

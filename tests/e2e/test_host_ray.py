@@ -1,6 +1,6 @@
 """``serveready.ray:app`` on a real two-node Ray cluster on loopback, started and driven as a user would:
-``ray start --head`` and ``ray start --address`` (each node with its own CPU), ``serve start``, ``serve run
-serveready.ray:app store=...``, then HTTP. Replicas on both nodes; the archives' answers byte for byte what
+``ray start --head`` and ``ray start --address`` (each node with its own CPU), ``ts-archive ray`` (the Serve
+config), ``serve deploy``, then HTTP. Replicas on both nodes; the archives' answers byte for byte what
 TorchServe answers (through ``serveready.load``, which ``test_load`` holds to TorchServe); one replica killed
 under load.
 """
@@ -23,6 +23,7 @@ from pathlib import Path
 import psutil
 import pytest
 import requests
+import yaml
 
 import serveready
 from serveready.scripts.server import free_ports
@@ -30,6 +31,8 @@ from tests.e2e.test_load import ROWS, corpus_of
 
 pytest.importorskip("ray.serve", reason="pip install 'serveready[ray]' (make setup installs it)")
 MODELS = ("net", "digits", "sentiment", "spoken_digits")
+KEY = "r4y-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
 BIN = Path(sys.executable).parent
 
 
@@ -78,8 +81,6 @@ def ray_cluster(log: Path) -> Iterator[Cluster]:
               "--min-worker-port=21000", "--max-worker-port=21499", *node], log)
         _run([ray, "start", f"--address=127.0.0.1:{gcs}", f"--dashboard-agent-listen-port={agent_node}",
               "--min-worker-port=21500", "--max-worker-port=21999", *node], log)
-        _run([str(BIN / "serve"), "start", f"--address=127.0.0.1:{gcs}", "--http-host=127.0.0.1", f"--http-port={http}",
-              "--proxy-location=HeadOnly"], log)
         yield Cluster(f"127.0.0.1:{gcs}", f"http://127.0.0.1:{http}", f"http://127.0.0.1:{dashboard}", temp, log)
     finally:
         processes = _ours(temp, gcs)
@@ -110,13 +111,19 @@ def store(net_archive: Path, digits_archive: Path, sentiment_archive: Path, spok
 def cluster(store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     log = tmp_path_factory.mktemp("ray-log") / "ray.log"
     with ray_cluster(log) as running:
-        _run([str(BIN / "serve"), "run", f"--address={running.address}", "--non-blocking", "serveready.ray:app", f"store={store}"], log, timeout=300)
+        config = store.parent / "serve_config.yaml"  # as a user deploys: ts-archive ray writes the file, serve deploy sends it
+        port = running.url.rsplit(":", 1)[1]
+        _run([str(BIN / "ts-archive"), "ray", "--store", str(store), "--out", str(config), "--port", port, "--num-cpus", "0.25"], log)
+        document = yaml.safe_load(config.read_text())
+        document["applications"][0]["args"]["key"] = KEY
+        config.write_text(yaml.safe_dump(document))
+        _run([str(BIN / "serve"), "deploy", str(config), f"--address={running.dashboard}"], log, timeout=300)
         deadline = time.monotonic() + 240
         while True:
             try:
-                if all(requests.get(f"{running.url}/v2/models/{m}/ready", timeout=5).status_code == 200 for m in MODELS):
+                if all(requests.get(f"{running.url}/v2/models/{m}/ready", headers=AUTH, timeout=5).status_code == 200 for m in MODELS):
                     break
-            except requests.ConnectionError:
+            except requests.RequestException:  # refused, or held while the application starts
                 pass
             if time.monotonic() > deadline:
                 pytest.fail(f"the Serve application was not ready in 240 s:\n{log.read_text()[-3000:]}")
@@ -128,11 +135,11 @@ def _replicas(cluster: Cluster, model: str) -> list[dict]:
     from ray.util.state import list_actors
 
     actors = list_actors(address=cluster.dashboard, filters=[("state", "=", "ALIVE")], limit=1000, raise_on_missing_output=False)
-    return [a.__dict__ if not isinstance(a, dict) else a for a in actors if (a["class_name"] if isinstance(a, dict) else a.class_name) == f"ServeReplica:default:{model}"]
+    return [a.__dict__ if not isinstance(a, dict) else a for a in actors if (a["class_name"] if isinstance(a, dict) else a.class_name) == f"ServeReplica:serveready:{model}"]
 
 
 def _post(cluster: Cluster, path: str, body: bytes, content_type: str | None, headers: dict[str, str] | None = None) -> requests.Response:
-    sent = dict(headers or {})
+    sent = {**AUTH, **(headers or {})}
     if content_type is not None:
         sent["Content-Type"] = content_type
     return requests.post(f"{cluster.url}{path}", data=body, headers=sent, timeout=60)
@@ -158,9 +165,15 @@ def test_every_archive_answers_on_ray_what_it_answers_on_torchserve(name: str, c
         assert (reply.status_code, reply.content) == ((e := model.explain(body, content_type, headers)).status, e.body)
 
 
-def test_ping_metadata_limits_and_unknown_models(cluster: Cluster) -> None:
-    assert requests.get(f"{cluster.url}/ping", timeout=10).json() == {"status": "Healthy"}
-    assert requests.get(f"{cluster.url}/v2/models/net", timeout=10).json()["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 10]}]
+def test_ping_metadata_limits_keys_and_unknown_models(cluster: Cluster) -> None:
+    assert requests.get(f"{cluster.url}/ping", headers=AUTH, timeout=10).json() == {"status": "Healthy"}
+    assert requests.get(f"{cluster.url}/v2/models/net", headers=AUTH, timeout=10).json()["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 10]}]
+    body = json.dumps({"inputs": ROWS[0].tolist()}).encode()
+    for wrong in ({}, {"Authorization": "Bearer nope"}):
+        refused = requests.post(f"{cluster.url}/predictions/net", data=body, headers={"Content-Type": "application/json", **wrong}, timeout=10)
+        assert refused.status_code == 401 and "Token Authorization failed" in refused.json()["message"]
+    assert requests.get(f"{cluster.url}/ping", timeout=10).status_code == 401  # as on TorchServe: /ping needs the key
+    assert requests.get(f"{cluster.url}/v2/health/ready", timeout=10).status_code == 200  # probes carry none
     huge = _post(cluster, "/predictions/net", b"x" * (8 * 2**20 + 1), "application/json")
     assert huge.status_code == 413 and "more than the limit of 8,388,608 bytes" in huge.json()["message"]
     missing = _post(cluster, "/predictions/nothing", b"{}", "application/json")

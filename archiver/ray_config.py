@@ -1,0 +1,66 @@
+"""``ts-archive ray``: a Ray Serve config file for a model store (``serve deploy serve_config.yaml``).
+
+The application is :func:`serveready.ray.app` over the store; the config also lists each archive's
+deployment with the replicas its ``serve:`` section asks for (``minWorkers == maxWorkers``: that
+many; otherwise an autoscaling range) and what each replica reserves, so an operator edits one
+file to scale. Reads the archives' model-configs only: nothing here imports Ray.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from serveready.handlers.archive import Archive
+
+from .errors import ArchiverError
+
+#: what a replica reserves unless told otherwise (serveready.ray.DEFAULT_CPUS)
+DEFAULT_CPUS = 0.25
+
+
+def deployment(archive: Archive, num_cpus: float) -> dict[str, Any]:
+    """One archive's deployment entry: its name, replicas and what each reserves."""
+    low, high = archive.workers
+    entry: dict[str, Any] = {"name": archive.path.stem}  # the deployment serveready.ray names after the file
+    if low == high:
+        entry["num_replicas"] = low
+    else:
+        entry["autoscaling_config"] = {"min_replicas": low, "max_replicas": high}
+    entry["ray_actor_options"] = {"num_cpus": num_cpus, "num_gpus": 1.0 if archive.device == "gpu" else 0.0}
+    return entry
+
+
+def serve_config(store: Path, names: list[str], host: str = "127.0.0.1", port: int = 8000, num_cpus: float = DEFAULT_CPUS) -> dict[str, Any]:
+    """The config: Serve's proxy on ``host:port`` (one, on the head node), the application at ``/``."""
+    found = sorted(store.glob("*.mar"))
+    if names:
+        missing = [n for n in names if not (store / f"{n}.mar").is_file()]
+        if missing:
+            raise ArchiverError(f"no {', '.join(f'{n}.mar' for n in missing)} in {store}")
+        found = [store / f"{n}.mar" for n in names]
+    if not found:
+        raise ArchiverError(f"no .mar archives in {store}: build some with ts-archive build (or make mar)")
+    args: dict[str, Any] = {"store": str(store.resolve()), "num_cpus": num_cpus}
+    if names:
+        args["models"] = ",".join(names)
+    return {
+        "proxy_location": "HeadOnly",
+        "http_options": {"host": host, "port": port},
+        "applications": [{
+            "name": "serveready",
+            "route_prefix": "/",
+            "import_path": "serveready.ray:app",
+            "args": args,
+            "deployments": [deployment(Archive(path), num_cpus) for path in found],
+        }],
+    }
+
+
+def write(config: dict[str, Any], out: Path) -> Path:
+    header = "# written by ts-archive ray: `ray start --head`, then `serve deploy " + out.name + "`; edit replicas here\n"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(header + yaml.safe_dump(config, sort_keys=False))
+    return out
