@@ -146,6 +146,7 @@ class Batcher:
         self.size = max(1, size)
         self._queue: list[tuple[tuple[bytes, str | None, dict[str, str]], asyncio.Future]] = []
         self._running = False
+        self._task: asyncio.Task | None = None
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"serveready-{model.name}")
 
     async def predict(self, body: bytes, content_type: str | None, headers: Mapping[str, str]) -> Answer:
@@ -154,7 +155,7 @@ class Batcher:
         self._queue.append(((body, content_type, dict(headers)), future))
         if not self._running:
             self._running = True
-            loop.create_task(self._drain())
+            self._task = loop.create_task(self._drain())  # kept: the loop holds tasks only weakly
         return await future
 
     async def explain(self, body: bytes, content_type: str | None, headers: Mapping[str, str]) -> Answer:
