@@ -94,6 +94,11 @@ def _kserve_options(sub: Any) -> None:
     e.add_argument("--max-replicas", type=int, default=1)
     e.add_argument("--canary", type=int, help="canaryTrafficPercent for a rollout of a new revision")
     e.add_argument("--namespace", help="metadata.namespace of the manifests")
+    e.add_argument("--runtime", choices=["torchserve", "serveready"], default="torchserve",
+                   help="torchserve: KServe's TorchServe runtime (being removed from KServe); serveready: this library's "
+                        "runtime (KServe's model server, python -m serveready.kserve): also writes serveready-runtime.yaml "
+                        "and its Dockerfile (default: %(default)s)")
+    e.add_argument("--image", default="serveready-kserve:0.3.0", help="the serveready runtime's image (default: %(default)s)")
 
 def _tune_options(sub: Any) -> None:
     """``ts-archive tune``."""
@@ -190,7 +195,7 @@ def _kserve(specs: list[ModelSpec], args: argparse.Namespace, named: bool) -> in
     from serveready.archiver.kserve import Deployment, export
 
     deployment = Deployment(args.protocol, args.storage_uri, args.gpu, args.cpu, args.memory, args.min_replicas, args.max_replicas,
-                            args.canary, args.namespace)
+                            args.canary, args.namespace, args.runtime, args.image)
     chosen = specs if named else [s for s in specs if s.base is None]
     for spec in chosen:
         folder = export(spec, args.store / spec.archive_name, args.out, deployment)

@@ -35,6 +35,7 @@ from prometheus_client import REGISTRY
 import serveready
 
 from . import hosting
+from .handlers.archive import Archive
 
 logger = logging.getLogger("serveready.kserve")
 
@@ -50,7 +51,8 @@ class ArchiveModel(kserve.Model):
         self._metadata: dict[str, Any] = {}
 
     def load(self) -> bool:
-        self.served = serveready.load(self.path, public_key=self.public_key)
+        device = "cuda" if Archive(self.path).device == "gpu" else "cpu"  # an archive built for a GPU asks for one
+        self.served = serveready.load(self.path, device, public_key=self.public_key)
         self.batcher = hosting.Batcher(self.served, hosting.batch_size(self.served))
         self._metadata = hosting.metadata(self.served)  # one sample request: warmed up, and the outputs are known
         hosting.log_runs_with(self.served, "KServe's model server")

@@ -11,6 +11,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
+import shlex
 import subprocess
 import sys
 import time
@@ -44,12 +46,16 @@ class Host:
 
 
 @contextmanager
-def kserve_host(store: Path, log: Path, *extra: str, env: dict[str, str] | None = None, timeout: float = 300.0) -> Iterator[Host]:
-    """The KServe host as a user starts it, on free loopback ports; stopped (SIGTERM, then SIGKILL) afterwards."""
+def kserve_host(store: Path, log: Path, *extra: str, env: dict[str, str] | None = None, timeout: float = 300.0,
+                argv: list[str] | None = None, cwd: Path | None = None) -> Iterator[Host]:
+    """The KServe host as a user starts it, on free loopback ports (or with ``argv``'s own, which must name the ports
+    through ``{http}`` and ``{grpc}``); stopped (SIGTERM, then SIGKILL) afterwards."""
     http, grpc = free_ports(2)
     command = [sys.executable, "-m", "serveready.kserve", "--model_dir", str(store), "--http_port", str(http), "--grpc_port", str(grpc), *extra]
+    if argv is not None:
+        command = [sys.executable if a == "python" else a.format(http=http, grpc=grpc) for a in argv]
     with log.open("wb") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, cwd=cwd)
     host = Host(f"http://127.0.0.1:{http}", f"127.0.0.1:{grpc}", process, log)
     try:
         deadline = time.monotonic() + timeout
@@ -206,3 +212,48 @@ def test_importing_the_module_reads_no_command_line() -> None:
     assert done.returncode == 0 and "imported" in done.stdout, done.stderr
     refused = subprocess.run([sys.executable, "-m", "serveready.kserve", "--model_dir", "/nonexistent"], capture_output=True, text=True, timeout=120)
     assert refused.returncode != 0 and "model store /nonexistent is not a folder" in refused.stderr
+
+
+def _install_steps(dockerfile: str, wheel: Path) -> list[list[str]]:
+    """The image's ``pip install`` steps as commands for a virtualenv: its ARG defaults filled in, the wheel it
+    copies named, and ``--index-url ${TORCH_INDEX}`` dropped (this machine's pip configuration names the index that
+    carries torch's CPU build; download.pytorch.org is not reachable from here)."""
+    args = dict(re.findall(r"^ARG (\w+)=(\S+)$", dockerfile, re.M))
+    [run] = [block for block in re.findall(r"^RUN (.*?)(?<!\\)$", dockerfile, re.M | re.S) if "pip install" in block]
+    steps = []
+    for part in run.replace("\\\n", " ").split("&&"):
+        words = shlex.split(part.strip().replace("$(ls /tmp/serveready-*.whl)", str(wheel)))
+        if words[:2] != ["pip", "install"]:
+            continue
+        words = [re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], w) for w in words]
+        if "--index-url" in words:
+            at = words.index("--index-url")
+            del words[at:at + 2]
+        steps.append(words)
+    return steps
+
+
+def test_the_runtime_image_installs_and_serves_the_exported_tree(serveready_wheel: Path, net_spec, net_archive: Path, tmp_path: Path) -> None:  # noqa: ANN001
+    """What the serveready ClusterServingRuntime's pod runs, without a container daemon: the Dockerfile's install
+    steps in a fresh virtualenv, then its ENTRYPOINT + CMD over the tree `ts-archive kserve --runtime serveready`
+    writes, with /mnt/models that tree, the ports free ones and the host loopback (the pod's 0.0.0.0 is for KServe's
+    ingress)."""
+    from serveready.archiver.kserve import Deployment, export
+
+    folder = export(net_spec, net_archive, tmp_path / "kserve", Deployment(runtime="serveready"))
+    text = (folder.parent / "Dockerfile").read_text()
+    venv = tmp_path / "image"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    steps = _install_steps(text, serveready_wheel)
+    assert [s[:3] for s in steps] == [["pip", "install", "torch==2.13.0"], ["pip", "install", f"{serveready_wheel}[kserve,text]"]]
+    for step in steps:
+        done = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", *step[2:]], capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, done.stderr[-3000:]
+    argv = [*json.loads(re.search(r"^ENTRYPOINT (\[.*\])$", text, re.M).group(1)), *json.loads(re.search(r"^CMD (\[.*\])$", text, re.M).group(1))]
+    swap = {"--host=0.0.0.0": "--host=127.0.0.1", "--http_port=8080": "--http_port={http}", "--grpc_port=8081": "--grpc_port={grpc}"}
+    argv = [str(venv / "bin" / "python") if a == "python" else swap.get(a, a.replace("/mnt/models", str(folder))) for a in argv]
+    with kserve_host(folder, tmp_path / "runtime.log", argv=argv, cwd=tmp_path) as pod:  # not the repository: its bare serveready/ would shadow
+        reply = _post(pod, "/v1/models/net:predict", json.dumps({"instances": ROWS.tolist()}).encode(), "application/json")
+        assert reply.status_code == 200, reply.text
+        np.testing.assert_allclose(np.array(reply.json()["predictions"]), reference_net(net_spec.weights, ROWS), rtol=1e-5, atol=1e-6)
+    assert "/image/lib/" in pod.log.read_text()  # the code ran from the image's virtualenv (its log names where)

@@ -110,3 +110,40 @@ def test_impossible_deployments_are_refused(changes: dict, message: str) -> None
 def test_a_missing_archive_says_to_build_it(net_spec: ModelSpec, tmp_path: Path) -> None:
     with pytest.raises(ArchiverError, match="does not exist: ts-archive build net first"):
         export(net_spec, tmp_path / "net.mar", tmp_path / "out", Deployment())
+
+
+RUNTIME_SCHEMA = yaml.safe_load((ROOT / "tests" / "data" / "clusterservingruntime-v1alpha1.pruned.yaml").read_text())
+RUNTIME_VALIDATOR = jsonschema.Draft7Validator(_strict(RUNTIME_SCHEMA))
+
+
+def test_the_serveready_runtime_validates_and_its_services_name_it(net_spec: ModelSpec, net_archive: Path, tmp_path: Path) -> None:
+    from serveready.archiver.kserve import serving_runtime
+
+    deployment = Deployment(protocol="v2", runtime="serveready", image="registry.example/serveready-kserve:0.3.0")
+    runtime = serving_runtime(deployment)
+    assert [f"{'/'.join(map(str, e.path))}: {e.message}" for e in RUNTIME_VALIDATOR.iter_errors(runtime)] == []
+    [container] = runtime["spec"]["containers"]
+    assert container["image"] == "registry.example/serveready-kserve:0.3.0" and container["securityContext"]["runAsNonRoot"] is True
+    assert {container["readinessProbe"]["httpGet"]["path"], container["livenessProbe"]["httpGet"]["path"]} == {"/v2/health/ready", "/v2/health/live"}
+    manifest = inference_service(net_spec, deployment)
+    assert _errors(manifest) == []
+    model = manifest["spec"]["predictor"]["model"]
+    assert (model["runtime"], model["modelFormat"]["name"]) == ("serveready", runtime["spec"]["supportedModelFormats"][0]["name"])
+    assert "env" not in model  # no TorchServe envelope to switch off
+    folder = export(net_spec, net_archive, tmp_path, deployment)
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()) == [
+        "Dockerfile", "net/inferenceservice.yaml", "net/model-store/net.mar", "serveready-runtime.yaml"]
+    assert yaml.safe_load((tmp_path / "serveready-runtime.yaml").read_text()) == runtime and folder == tmp_path / "net"
+
+
+def test_the_dockerfile_runs_what_the_runtime_says(tmp_path: Path) -> None:
+    """The image's ENTRYPOINT + CMD is the runtime container's command line, as a non-root user, with a HEALTHCHECK."""
+    from serveready.archiver.kserve import serving_runtime
+
+    text = (ROOT / "archiver" / "Dockerfile.serveready").read_text()
+    entry = json.loads(re.search(r"^ENTRYPOINT (\[.*\])$", text, re.M).group(1))
+    command = json.loads(re.search(r"^CMD (\[.*\])$", text, re.M).group(1))
+    assert entry == ["python", "-m", "serveready.kserve"]
+    assert command == serving_runtime(Deployment(runtime="serveready"))["spec"]["containers"][0]["args"]
+    assert re.search(r"^USER 1000$", text, re.M) and "HEALTHCHECK" in text and "/v2/health/ready" in text
+    assert re.search(r"^FROM python:\$\{PYTHON\}-slim$", text, re.M) and "ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu" in text
