@@ -54,6 +54,37 @@ _GONE = ("RayActorError", "ActorDiedError", "ActorUnavailableError", "ActorUnsch
          "BackPressureError", "DeploymentUnavailableError")
 
 
+class RayMetrics:
+    """The handler's counters through Ray's metrics agent (each node's Prometheus export, names prefixed ``ray_``),
+    tagged with the model: what was added since the last update, after each batch."""
+
+    def __init__(self, model: serveready.Model) -> None:
+        from ray.util.metrics import Counter
+
+        self.model, self.tags = model, {"model": model.name}
+        self.batches = Counter("serveready_batches", "batches handled", tag_keys=("model",))
+        self.rows = Counter("serveready_rows", "model input rows", tag_keys=("model",))
+        self.stage_ms = Counter("serveready_stage_ms", "milliseconds per stage", tag_keys=("model", "Stage"))
+        self.refused = Counter("serveready_refused", "requests answered 4xx/5xx by the handler", tag_keys=("model", "Status", "Error"))
+        self._last: dict[str, Any] = model.metrics()
+
+    def update(self) -> None:
+        now = self.model.metrics()
+        last, self._last = self._last, now
+        for counter, key in ((self.batches, "serveready_batches_total"), (self.rows, "serveready_rows_total")):
+            if now[key] > last[key]:
+                counter.inc(now[key] - last[key], tags=self.tags)
+        for stage, ms in now["serveready_stage_ms_total"].items():
+            added = ms - last["serveready_stage_ms_total"].get(stage, 0.0)
+            if added > 0:
+                self.stage_ms.inc(added, tags={**self.tags, "Stage": stage})
+        for key, count in now["serveready_refused_total"].items():
+            added = count - last["serveready_refused_total"].get(key, 0)
+            if added > 0:
+                status, _, error = key.partition(" ")
+                self.refused.inc(added, tags={**self.tags, "Status": status, "Error": error})
+
+
 @serve.deployment(max_ongoing_requests=64)
 class ArchiveReplica:
     """One archive in one replica."""
@@ -64,12 +95,14 @@ class ArchiveReplica:
         self.size = hosting.batch_size(self.model)
         self.answer_batch.set_max_batch_size(self.size)
         self._metadata = hosting.metadata(self.model)
+        self._exported = RayMetrics(self.model)
         hosting.log_runs_with(self.model, f"Ray Serve (replica pid {os.getpid()})")
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.0)
     async def answer_batch(self, requests: list[tuple[bytes, str | None, dict[str, str]]]) -> list[tuple[int, str | None, bytes]]:
         loop = asyncio.get_running_loop()
         answers = await loop.run_in_executor(None, self.model.predict_batch, requests)
+        self._exported.update()
         return [(a.status, a.content_type, a.body) for a in answers]
 
     async def predict(self, body: bytes, content_type: str | None, headers: dict[str, str]) -> tuple[int, str | None, bytes]:

@@ -43,6 +43,7 @@ class Cluster:
     dashboard: str
     temp: Path
     log: Path
+    metrics: list[str]  # each node's Prometheus export (Ray's metrics agent)
 
 
 def _run(command: list[str], log: Path, timeout: float = 180) -> None:
@@ -72,16 +73,17 @@ def _ours(temp: Path, gcs: int) -> list[psutil.Process]:
 @contextmanager
 def ray_cluster(log: Path) -> Iterator[Cluster]:
     temp = Path(tempfile.mkdtemp(prefix="sr-ray-", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
-    gcs, dashboard, agent_head, agent_node, http, client = free_ports(6)
+    gcs, dashboard, agent_head, agent_node, http, client, metrics_head, metrics_node = free_ports(8)
     ray = str(BIN / "ray")
     node = ["--node-ip-address=127.0.0.1", "--num-cpus=1", "--disable-usage-stats"]
     try:
         _run([ray, "start", "--head", f"--port={gcs}", f"--temp-dir={temp}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-              f"--dashboard-port={dashboard}", f"--dashboard-agent-listen-port={agent_head}", f"--ray-client-server-port={client}",
+              f"--dashboard-port={dashboard}", f"--dashboard-agent-listen-port={agent_head}", f"--ray-client-server-port={client}", f"--metrics-export-port={metrics_head}",
               "--min-worker-port=21000", "--max-worker-port=21499", *node], log)
-        _run([ray, "start", f"--address=127.0.0.1:{gcs}", f"--dashboard-agent-listen-port={agent_node}",
+        _run([ray, "start", f"--address=127.0.0.1:{gcs}", f"--dashboard-agent-listen-port={agent_node}", f"--metrics-export-port={metrics_node}",
               "--min-worker-port=21500", "--max-worker-port=21999", *node], log)
-        yield Cluster(f"127.0.0.1:{gcs}", f"http://127.0.0.1:{http}", f"http://127.0.0.1:{dashboard}", temp, log)
+        yield Cluster(f"127.0.0.1:{gcs}", f"http://127.0.0.1:{http}", f"http://127.0.0.1:{dashboard}", temp, log,
+                      [f"http://127.0.0.1:{metrics_head}/metrics", f"http://127.0.0.1:{metrics_node}/metrics"])
     finally:
         processes = _ours(temp, gcs)
         for process in processes:
@@ -220,3 +222,18 @@ def test_a_replica_killed_under_load_loses_no_request(cluster: Cluster) -> None:
     back = time.monotonic() - killed
     assert is_right(*(lambda r: (r.status_code, r.content))(_post(cluster, "/predictions/net", body, "application/json")))
     print(f"ray: {len(results)} requests, {right} right, {len(results) - right} 5xx; a replacement replica alive {back:.1f} s after the kill")
+
+
+def test_the_handlers_counters_reach_rays_metrics_agent(cluster: Cluster) -> None:
+    body = json.dumps({"inputs": ROWS[0].tolist()}).encode()
+    for _ in range(5):
+        assert _post(cluster, "/predictions/net", body, "application/json").status_code == 200
+    deadline = time.monotonic() + 60
+    while True:  # the agents export every few seconds
+        text = "".join(requests.get(url, timeout=10).text for url in cluster.metrics)
+        batches = [line for line in text.splitlines() if line.startswith("ray_serveready_batches") and 'model="net"' in line]
+        if batches and sum(float(line.rsplit(" ", 1)[1]) for line in batches) >= 5:
+            break
+        assert time.monotonic() < deadline, [line for line in text.splitlines() if "serveready" in line][:20]
+        time.sleep(2)
+    assert any(line.startswith("ray_serveready_stage_ms") and 'Stage="inference"' in line for line in text.splitlines())
