@@ -13,7 +13,8 @@ from typing import Any
 
 import yaml
 
-from serveready.handlers.archive import Archive
+from serveready.handlers.archive import Archive, store_archives
+from serveready.handlers.errors import ConfigError
 
 from .errors import ArchiverError
 
@@ -35,14 +36,10 @@ def deployment(archive: Archive, num_cpus: float) -> dict[str, Any]:
 
 def serve_config(store: Path, names: list[str], host: str = "127.0.0.1", port: int = 8000, num_cpus: float = DEFAULT_CPUS) -> dict[str, Any]:
     """The config: Serve's proxy on ``host:port`` (one, on the head node), the application at ``/``."""
-    found = sorted(store.glob("*.mar"))
-    if names:
-        missing = [n for n in names if not (store / f"{n}.mar").is_file()]
-        if missing:
-            raise ArchiverError(f"no {', '.join(f'{n}.mar' for n in missing)} in {store}")
-        found = [store / f"{n}.mar" for n in names]
-    if not found:
-        raise ArchiverError(f"no .mar archives in {store}: build some with ts-archive build (or make mar)")
+    try:
+        found = store_archives(store, names).values()
+    except ConfigError as err:
+        raise ArchiverError(err.message) from None
     args: dict[str, Any] = {"store": str(store.resolve()), "num_cpus": num_cpus}
     if names:
         args["models"] = ",".join(names)

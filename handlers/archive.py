@@ -36,7 +36,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .errors import ArchiveError
+from .errors import ArchiveError, ConfigError
 
 #: The module TorchServe imports from every archive.
 ENTRY_MODULE = "serveready_entry"
@@ -372,6 +372,24 @@ class Archive:
         """
         device = str(getattr(device, "value", device))
         return self.rewrite(self.path.with_name(f"{self.path.stem}.{device}.mar"), lambda config: config.update(deviceType=device))
+
+
+def store_archives(store: str | Path, names: Any = ()) -> dict[str, Path]:
+    """The ``.mar`` files of a model store by the name each serves under (its file name without ``.mar``, as
+    ``torchserve --models name=name.mar`` names it); ``names`` picks some, each of which must be there."""
+    folder = Path(store)
+    if not folder.is_dir():
+        raise ConfigError(f"model store {folder} is not a folder")
+    found = {path.stem: path for path in sorted(folder.glob("*.mar"))}
+    wanted = [n for n in names if n]
+    missing = [n for n in wanted if n not in found]
+    if missing:
+        raise ConfigError(f"no {', '.join(f'{n}.mar' for n in missing)} in {folder} (it holds: {', '.join(found) or 'no archives'})")
+    if wanted:
+        found = {n: found[n] for n in wanted}
+    if not found:
+        raise ConfigError(f"no .mar archives in {folder}: build some with ts-archive build (or make mar)")
+    return found
 
 
 def parse_config(data: bytes, where: str = "model-config.yaml") -> dict[str, Any]:

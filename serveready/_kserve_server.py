@@ -53,7 +53,7 @@ class ArchiveModel(kserve.Model):
     def load(self) -> bool:
         device = "cuda" if Archive(self.path).device == "gpu" else "cpu"  # an archive built for a GPU asks for one
         self.served = serveready.load(self.path, device, public_key=self.public_key)
-        self.batcher = hosting.Batcher(self.served, hosting.batch_size(self.served))
+        self.batcher = hosting.Batcher(self.served, self.served.archive.batch_size)
         self._metadata = hosting.metadata(self.served)  # one sample request: warmed up, and the outputs are known
         hosting.log_runs_with(self.served, "KServe's model server")
         self.ready = True

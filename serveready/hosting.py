@@ -30,10 +30,10 @@ import re
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from .handlers.errors import ConfigError
+from .handlers.archive import store_archives
+from .handlers.errors import ServereadyError
 from .handlers.host import Answer, Model, frontend_error
 
 #: The address a host listens on unless told otherwise: this machine only.
@@ -71,27 +71,8 @@ def route(path: str) -> Route | None:
     return None
 
 
-def archives(store: str | Path, names: Iterable[str] = ()) -> dict[str, Path]:
-    """The ``.mar`` files of ``store`` by the name each serves under (its file name without ``.mar``, as
-    ``torchserve --models name=name.mar`` names it); ``names`` picks some (each must exist)."""
-    folder = Path(store)
-    if not folder.is_dir():
-        raise ConfigError(f"model store {folder} is not a folder")
-    found = {path.stem: path for path in sorted(folder.glob("*.mar"))}
-    wanted = [n for n in names if n]
-    missing = [n for n in wanted if n not in found]
-    if missing:
-        raise ConfigError(f"no {', '.join(f'{n}.mar' for n in missing)} in {folder} (it holds: {', '.join(found) or 'no archives'})")
-    if wanted:
-        found = {n: found[n] for n in wanted}
-    if not found:
-        raise ConfigError(f"no .mar archives in {folder}: build some with ts-archive build (or make mar)")
-    return found
-
-
-def batch_size(model: Model) -> int:
-    """The archive's batch size (:attr:`Archive.batch_size`)."""
-    return model.archive.batch_size
+#: the ``.mar`` files of a model store by the name each serves under (:func:`serveready.handlers.archive.store_archives`)
+archives = store_archives
 
 
 #: routes anybody may call, key or not: probes and scrapers carry none (TorchServe's /ping does need it)
@@ -250,8 +231,8 @@ class MetricsCollector:
 
 def log_runs_with(model: Model, host: str) -> None:
     """The worker's one-line report, in the host's log."""
-    logger.info("%s on %s: %s runs with %s (batch size %d)", model.name, host, model.archive.path.name, model.runs_with, batch_size(model))
+    logger.info("%s on %s: %s runs with %s (batch size %d)", model.name, host, model.archive.path.name, model.runs_with, model.archive.batch_size)
 
 
-__all__ = ["EXPLAIN", "MAX_BODY", "OPEN_PATHS", "PREDICT", "Batcher", "MetricsCollector", "Route", "archives", "batch_size", "is_open", "key_matches",
+__all__ = ["EXPLAIN", "MAX_BODY", "OPEN_PATHS", "PREDICT", "Batcher", "ServereadyError", "MetricsCollector", "Route", "archives", "is_open", "key_matches",
            "log_runs_with", "metadata", "model_not_found", "route", "sample_request", "too_large", "unauthorized"]

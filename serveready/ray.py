@@ -92,7 +92,7 @@ class ArchiveReplica:
     def __init__(self, path: str, public_key: str | None = None) -> None:
         logging.basicConfig(level=logging.INFO)
         self.model = serveready.load(path, public_key=public_key)
-        self.size = hosting.batch_size(self.model)
+        self.size = self.model.archive.batch_size
         self.answer_batch.set_max_batch_size(self.size)
         self._metadata = hosting.metadata(self.model)
         self._exported = RayMetrics(self.model)

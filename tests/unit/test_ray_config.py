@@ -37,5 +37,8 @@ def test_names_pick_archives_and_missing_ones_are_named(net_archive: Path, tmp_p
     assert serve_config(tmp_path, ["net"])["applications"][0]["args"]["models"] == "net"
     with pytest.raises(ArchiverError, match=r"no other\.mar in"):
         serve_config(tmp_path, ["net", "other"])
+    (tmp_path / "empty").mkdir()
     with pytest.raises(ArchiverError, match="no .mar archives in"):
         serve_config(tmp_path / "empty", [])
+    with pytest.raises(ArchiverError, match="is not a folder"):  # the same store listing as the hosts'
+        serve_config(tmp_path / "nowhere", [])
