@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import struct
 from collections.abc import Mapping, Sequence
 from concurrent import futures
@@ -170,6 +171,7 @@ class _Bound:
 
     host = hosting.DEFAULT_HOST
     key: str | None = None
+    http_fd: int | None = None  # under --workers N: the supervisor's listening socket, shared by every worker
 
 
 class KeyInterceptor(aio.ServerInterceptor):
@@ -200,6 +202,11 @@ class BoundRESTServer(RESTServer):
         super().__init__(*args, **kwargs)
         self.config.host = _Bound.host
 
+    async def start(self) -> None:
+        self.create_application()
+        sockets = None if _Bound.http_fd is None else [socket.socket(fileno=_Bound.http_fd)]
+        await self._server.serve(sockets=sockets)
+
 
 class BoundGRPCServer(GRPCServer):
     """KServe's gRPC server (its servicer and interceptors), on the address asked for, with the key checked."""
@@ -222,7 +229,8 @@ class BoundGRPCServer(GRPCServer):
         await self._server.wait_for_termination()
 
 
-def serve(store: Path, names: Sequence[str], *, host: str, key: str | None, public_key: Path | None, limit: int, grpc: bool) -> int:
+def serve(store: Path, names: Sequence[str], *, host: str, key: str | None, public_key: Path | None, limit: int, grpc: bool,
+          http_fd: int | None = None) -> int:
     """Load every archive, then run KServe's server until it is stopped (SIGTERM/SIGINT)."""
     found = hosting.archives(store, names)
     models: dict[str, ArchiveModel] = {}
@@ -231,7 +239,7 @@ def serve(store: Path, names: Sequence[str], *, host: str, key: str | None, publ
         model = ArchiveModel(name, path, public_key)
         model.load()
         models[name] = model
-    _Bound.host, _Bound.key = host, key
+    _Bound.host, _Bound.key, _Bound.http_fd = host, key, http_fd
     model_server.RESTServer = BoundRESTServer  # what ModelServer.start constructs
     model_server.GRPCServer = BoundGRPCServer
     model_server.app.add_middleware(InferenceRoutes, models=models, key=key, limit=limit)

@@ -15,6 +15,7 @@ handler's ``serveready_*`` counters), and gRPC (v2 ``ModelInfer``, tensors answe
 Safe defaults: it listens on 127.0.0.1 (KServe's own server listens on every interface;
 ``--host 0.0.0.0`` in a pod), refuses bodies over 8 MiB with 413, and with ``--key_file`` (or
 ``SERVEREADY_KEY``) every call but health and metrics needs ``Authorization: Bearer <key>``.
+``--workers N`` runs N such servers on the same ports (:mod:`serveready.workers`).
 Requests that arrive together run as one batch, up to the archive's batch size, and a lone one
 does not wait (:class:`serveready.hosting.Batcher`).
 
@@ -53,7 +54,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--grpc_port", type=int, default=8081)
     p.add_argument("--enable_grpc", type=_flag, default=True)
     p.add_argument("--workers", type=int, default=1,
-                   help="HTTP processes; only 1 here (each process would hold every model: run more servers, or Ray Serve replicas)")
+                   help="server processes sharing the ports, each holding every model (a dead one is restarted): one per core for small models")
+    p.add_argument("--http_fd", type=int, help=argparse.SUPPRESS)  # a worker's inherited HTTP socket (serveready.workers)
     p.add_argument("--host", default=hosting.DEFAULT_HOST, help="the address both servers listen on (0.0.0.0 in a container)")
     p.add_argument("--key_file", type=Path, help=f"a file holding the bearer key calls must carry (or the {KEY_ENV} environment variable)")
     p.add_argument("--public_key", type=Path, help="refuse archives without a NAME.mar.sig this Ed25519 key verifies")
@@ -79,19 +81,36 @@ def kserve_argv(args: argparse.Namespace) -> list[str]:
             "--grpc_max_send_message_length", str(args.max_request_size)]
 
 
+def worker_argv(args: argparse.Namespace, fd: int) -> list[str]:
+    """One worker's command line under ``--workers N``: the same server, one process, on the inherited socket."""
+    command = [sys.executable, "-m", "serveready.kserve", "--model_dir", str(args.model_dir), "--http_port", str(args.http_port),
+               "--grpc_port", str(args.grpc_port), "--enable_grpc", str(args.enable_grpc).lower(), "--host", args.host,
+               "--max_request_size", str(args.max_request_size), "--http_fd", str(fd)]
+    for name in args.model_name:
+        command += ["--model_name", name]
+    for flag, value in (("--key_file", args.key_file), ("--public_key", args.public_key)):
+        if value is not None:
+            command += [flag, str(value)]
+    return command
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    if args.workers != 1:
-        print("serveready.kserve: error: --workers must be 1 here: every process would load every model; run one server per "
-              "core behind a load balancer, or Ray Serve replicas (python -m serveready.ray)", file=sys.stderr)
+    if args.workers < 1:
+        print(f"serveready.kserve: error: --workers must be at least 1, got {args.workers}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s [%(process)d] %(name)s %(levelname)s %(message)s")
+    if args.workers > 1 and args.http_fd is None:
+        from .workers import supervise
+
+        return supervise(lambda fd: worker_argv(args, fd), args.host, args.http_port, args.workers)
     sys.argv = kserve_argv(args)
     from . import _kserve_server  # imports kserve, which parses sys.argv
 
     try:
         return _kserve_server.serve(args.model_dir, args.model_name, host=args.host, key=bearer_key(args),
-                                    public_key=args.public_key, limit=args.max_request_size, grpc=args.enable_grpc)
+                                    public_key=args.public_key, limit=args.max_request_size, grpc=args.enable_grpc,
+                                    http_fd=args.http_fd)
     except hosting.ServereadyError as err:
         print(f"serveready.kserve: error: {err}", file=sys.stderr)
         return err.exit_code

@@ -65,7 +65,7 @@ def kserve_host(store: Path, log: Path, *extra: str, env: dict[str, str] | None 
             try:
                 if requests.get(f"{host.url}/v2/health/ready", timeout=2).status_code == 200:
                     break
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):  # not listening yet; or (--workers) held until a worker accepts
                 pass
             if time.monotonic() > deadline:
                 pytest.fail(f"the KServe host was not ready in {timeout:.0f} s:\n{log.read_text()[-3000:]}")
@@ -204,6 +204,47 @@ def test_a_key_guards_every_call_but_health(store: Path, tmp_path: Path) -> None
         assert refused.value.status() == "StatusCode.PERMISSION_DENIED" and "Token Authorization failed" in refused.value.message()
         answered = client.infer("net", [tensor], headers={"authorization": "Bearer s3cret"}).as_numpy("predictions")
         assert answered.shape == (1, 1)
+
+
+def _workers(supervisor: subprocess.Popen, log: Path, count: int, loaded: int) -> list[psutil.Process]:
+    """The supervisor's worker processes, once there are ``count`` of them and ``loaded`` "runs with" lines were logged."""
+    deadline = time.monotonic() + 120
+    while True:
+        children = [c for c in psutil.Process(supervisor.pid).children() if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+        if len(children) == count and log.read_text().count("net.mar runs with") >= loaded:
+            return children
+        assert time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.3)
+
+
+def test_workers_share_the_ports_and_a_dead_one_is_replaced(net_archive: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "store"
+    folder.mkdir()
+    (folder / "net.mar").write_bytes(net_archive.read_bytes())
+    body = json.dumps({"inputs": ROWS[0].tolist()}).encode()
+    with serveready.load(folder / "net.mar", into=tmp_path / "unpacked") as model:
+        want = model.predict(body, "application/json").body
+    with kserve_host(folder, tmp_path / "kserve.log", "--workers", "2") as host:
+        first, second = _workers(host.process, host.log, 2, 2)
+        log = host.log.read_text()
+        assert all(f"[{c.pid}] serveready.hosting INFO net on KServe's model server" in log for c in (first, second)), log[-2000:]
+        for child in (first, second):  # both accept on the supervisor's one socket; neither binds its own
+            connections = getattr(child, "net_connections", None) or child.connections
+            assert {c.laddr.port for c in connections(kind="inet") if c.status == psutil.CONN_LISTEN} >= {int(host.url.rsplit(":", 1)[1])}
+        assert all(_post(host, "/predictions/net", body, "application/json").content == want for _ in range(20))
+        first.kill()
+        answers = [_post(host, "/predictions/net", body, "application/json") for _ in range(30)]  # the other worker answers meanwhile
+        assert [(a.status_code, a.content) for a in answers] == [(200, want)] * 30
+        replaced = _workers(host.process, host.log, 2, 3)
+        assert first.pid not in {c.pid for c in replaced} and second.pid in {c.pid for c in replaced}
+        assert "exited with -9; starting another" in host.log.read_text()
+        import tritonclient.grpc as grpcclient
+
+        client = grpcclient.InferenceServerClient(host.grpc)  # gRPC's port is shared too (SO_REUSEPORT)
+        tensor = grpcclient.InferInput("x", [1, 10], "FP32")
+        tensor.set_data_from_numpy(ROWS[:1])
+        assert client.infer("net", [tensor]).as_numpy("predictions").shape == (1, 1)
+    assert not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in replaced)  # stopping the supervisor stops its workers
 
 
 def test_importing_the_module_reads_no_command_line() -> None:

@@ -122,3 +122,16 @@ def test_a_failing_batch_answers_500_and_the_batcher_lives_on() -> None:
     batcher.close()
     assert failed.status == 500 and "out of memory" in json.loads(failed.body)["message"]
     assert (fine.status, fine.body) == (200, b"fine")
+
+
+def test_a_workers_command_line_is_the_servers_own_on_the_shared_socket() -> None:
+    from serveready import kserve
+
+    args = kserve.parser().parse_args(["--model_dir", "store", "--model_name", "net", "--model_name", "digits", "--http_port", "9000",
+                                       "--grpc_port", "9001", "--enable_grpc", "false", "--workers", "3", "--key_file", "k.txt", "--max_request_size", "1024"])
+    command = kserve.worker_argv(args, 7)
+    assert command[1:3] == ["-m", "serveready.kserve"]
+    again = kserve.parser().parse_args(command[3:])
+    assert again.http_fd == 7 and again.workers == 1  # one process each, on the inherited socket
+    assert {k: v for k, v in vars(again).items() if k not in ("http_fd", "workers")} == {k: v for k, v in vars(args).items() if k not in ("http_fd", "workers")}
+    assert kserve.main(["--model_dir", "store", "--workers", "0"]) == 2
