@@ -20,11 +20,13 @@ from .errors import ArchiverError
 
 #: what a replica reserves unless told otherwise (serveready.ray.DEFAULT_CPUS)
 DEFAULT_CPUS = 0.25
+#: seconds Serve's proxy waits for an answer before 408: TorchServe's default_response_timeout
+REQUEST_TIMEOUT_S = 120
 
 
-def deployment(archive: Archive, num_cpus: float) -> dict[str, Any]:
-    """One archive's deployment entry: its name, replicas and what each reserves."""
-    low, high = archive.workers
+def deployment(archive: Archive, num_cpus: float, replicas: int | None = None) -> dict[str, Any]:
+    """One archive's deployment entry: its name, replicas (``replicas``, else the archive's workers) and what each reserves."""
+    low, high = (replicas, replicas) if replicas is not None else archive.workers
     entry: dict[str, Any] = {"name": archive.path.stem}  # the deployment serveready.ray names after the file
     if low == high:
         entry["num_replicas"] = low
@@ -34,8 +36,12 @@ def deployment(archive: Archive, num_cpus: float) -> dict[str, Any]:
     return entry
 
 
-def serve_config(store: Path, names: list[str], host: str = "127.0.0.1", port: int = 8000, num_cpus: float = DEFAULT_CPUS) -> dict[str, Any]:
-    """The config: Serve's proxy on ``host:port`` (one, on the head node), the application at ``/``."""
+def serve_config(store: Path, names: list[str], host: str = "127.0.0.1", port: int = 8000, num_cpus: float = DEFAULT_CPUS,
+                 replicas: int | None = None) -> dict[str, Any]:
+    """The config: Serve's proxy on ``host:port`` (one, on the head node), the application at ``/``; ``replicas``
+    for every deployment instead of each archive's workers (a laptop: 1)."""
+    if replicas is not None and replicas < 1:
+        raise ArchiverError(f"--replicas must be at least 1, got {replicas}")
     try:
         found = store_archives(store, names).values()
     except ConfigError as err:
@@ -45,13 +51,13 @@ def serve_config(store: Path, names: list[str], host: str = "127.0.0.1", port: i
         args["models"] = ",".join(names)
     return {
         "proxy_location": "HeadOnly",
-        "http_options": {"host": host, "port": port},
+        "http_options": {"host": host, "port": port, "request_timeout_s": REQUEST_TIMEOUT_S},
         "applications": [{
             "name": "serveready",
             "route_prefix": "/",
             "import_path": "serveready.ray:app",
             "args": args,
-            "deployments": [deployment(Archive(path), num_cpus) for path in found],
+            "deployments": [deployment(Archive(path), num_cpus, replicas) for path in found],
         }],
     }
 

@@ -56,6 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--host", default="127.0.0.1", help="where Serve's HTTP proxy listens (default: %(default)s)")
     r.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
     r.add_argument("--num-cpus", type=float, default=0.25, help="CPUs each replica reserves (default: %(default)s)")
+    r.add_argument("--replicas", type=int, help="replicas of every deployment (default: each archive's minWorkers/maxWorkers)")
     _tune_options(sub)
     return parser
 
@@ -161,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "ray":
             from serveready.archiver.ray_config import serve_config, write
 
-            out = write(serve_config(args.store, args.names, args.host, args.port, args.num_cpus), args.out)
+            out = write(serve_config(args.store, args.names, args.host, args.port, args.num_cpus, args.replicas), args.out)
             print(f"wrote {out}: ray start --head, then serve deploy {out} (Serve's proxy on http://{args.host}:{args.port})")
             return 0
         specs = load_specs(args.configs, args.names or None)

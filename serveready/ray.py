@@ -49,6 +49,8 @@ logger = logging.getLogger("serveready.ray")
 KEY_ENV = "SERVEREADY_KEY"
 #: what a replica reserves unless told otherwise
 DEFAULT_CPUS = 0.25
+#: how long a readiness probe waits for a replica of each model to answer
+READY_TIMEOUT_S = 2.0
 #: errors that mean "the replica went away", after which a prediction is sent again
 _GONE = ("RayActorError", "ActorDiedError", "ActorUnavailableError", "ActorUnschedulableError", "WorkerCrashedError",
          "BackPressureError", "DeploymentUnavailableError")
@@ -129,12 +131,16 @@ class Ingress:
     async def __call__(self, request: Request) -> Response:
         headers = dict(request.headers)
         path = request.url.path
-        if path in ("/v2/health/live", "/v2/health/ready"):
+        if path == "/v2/health/live":
             return Response(status_code=200)
+        if path == "/v2/health/ready":
+            return Response(status_code=200 if await self._ready(list(self.models)) else 503)
         if not hosting.is_open(path) and not hosting.key_matches(headers, self.key):
             return _response(hosting.unauthorized())
         if path == "/ping":
-            return Response(json.dumps({"status": "Healthy"}, indent=2) + "\n", media_type="application/json")
+            ready = await self._ready(list(self.models))
+            return Response(json.dumps({"status": "Healthy" if ready else "Unhealthy"}, indent=2) + "\n", status_code=200 if ready else 500,
+                            media_type="application/json")
         found = hosting.route(path) if request.method == "POST" else None
         if found is None:
             return await self._other(request, path)
@@ -173,12 +179,29 @@ class Ingress:
         if request.method == "GET" and len(parts) >= 3 and parts[:2] == ["v2", "models"] and parts[2] in self.models:
             handle = self.models[parts[2]]
             if parts[3:] == ["ready"]:
-                return Response(status_code=200)
+                return Response(status_code=200 if await self._ready([parts[2]]) else 503)
             if len(parts) == 3:
                 return Response(json.dumps(await handle.metadata.remote()), media_type="application/json")
         if request.method == "GET" and path == "/metrics":
             return Response(await self._metrics(), media_type="text/plain; version=0.0.4")
         return _response(hosting.frontend_error(404, f"no route {request.method} {path}"))
+
+    async def _ready(self, names: list[str]) -> bool:
+        """Ready means a replica of each model answers (within READY_TIMEOUT_S): a deployment whose replicas
+        cannot be placed, or are still loading, is not ready, though Serve would queue its requests."""
+
+        async def answers(name: str) -> bool:
+            response = self.models[name].metadata.remote()
+            try:
+                await asyncio.wait_for(_awaited(response), READY_TIMEOUT_S)
+                return True
+            except asyncio.TimeoutError:
+                response.cancel()
+                return False
+            except Exception:  # noqa: BLE001 - a replica that fails to answer is not ready, whatever it raised
+                return False
+
+        return all(await asyncio.gather(*(answers(n) for n in names)))
 
     async def _metrics(self) -> str:
         """The handler's counters of one replica per model (Ray's own metrics go through its metrics agent)."""
@@ -190,6 +213,10 @@ class Ingress:
             for stage, ms in totals["serveready_stage_ms_total"].items():
                 lines.append(f'serveready_stage_ms_total{{model="{name}",Stage="{stage}"}} {ms}')
         return "\n".join(lines) + "\n"
+
+
+async def _awaited(response: Any) -> Any:
+    return await response
 
 
 def _response(answer: hosting.Answer) -> Response:

@@ -27,10 +27,13 @@ import yaml
 
 import serveready
 from serveready.scripts.server import free_ports
+from tests.conftest import VariantBuild
 from tests.e2e.test_load import ROWS, corpus_of
 
 pytest.importorskip("ray.serve", reason="pip install 'serveready[ray]' (make setup installs it)")
-MODELS = ("net", "digits", "sentiment", "spoken_digits")
+MODELS = tuple(sorted(p.stem for p in (Path(__file__).resolve().parents[2] / "model_configs").glob("*.yaml")))  # the whole store
+REPLICA_CPUS = "0.05"  # 28 replicas (net has 2) on two one-CPU nodes: Ray's CPUs are reservations, not cores
+UNPLACED = "unplaced"
 KEY = "r4y-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 BIN = Path(sys.executable).parent
@@ -100,11 +103,14 @@ def ray_cluster(log: Path) -> Iterator[Cluster]:
 
 
 @pytest.fixture(scope="module")
-def store(net_archive: Path, digits_archive: Path, sentiment_archive: Path, spoken_digits_archive: Path,
+def store(net_archive: Path, digits_archive: Path, sentiment_archive: Path, spoken_digits_archive: Path, variant_builds: dict[str, VariantBuild],
           tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("ray") / "model_store"
     folder.mkdir()
-    for name, path in zip(MODELS, (net_archive, digits_archive, sentiment_archive, spoken_digits_archive), strict=True):
+    archives = {"net": net_archive, "digits": digits_archive, "sentiment": sentiment_archive, "spoken_digits": spoken_digits_archive,
+                **{name: b.archive for name, b in variant_builds.items()}}
+    assert sorted(archives) == list(MODELS)
+    for name, path in archives.items():
         (folder / f"{name}.mar").write_bytes(path.read_bytes())
     return folder
 
@@ -115,12 +121,17 @@ def cluster(store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[C
     with ray_cluster(log) as running:
         config = store.parent / "serve_config.yaml"  # as a user deploys: ts-archive ray writes the file, serve deploy sends it
         port = running.url.rsplit(":", 1)[1]
-        _run([str(BIN / "ts-archive"), "ray", "--store", str(store), "--out", str(config), "--port", port, "--num-cpus", "0.25"], log)
+        (store / f"{UNPLACED}.mar").write_bytes((store / "net.mar").read_bytes())  # a model whose replica asks for a GPU nobody has
+        _run([str(BIN / "ts-archive"), "ray", "--store", str(store), "--out", str(config), "--port", port, "--num-cpus", REPLICA_CPUS, "--replicas", "1"], log)
         document = yaml.safe_load(config.read_text())
-        document["applications"][0]["args"]["key"] = KEY
+        [application] = document["applications"]
+        application["args"]["key"] = KEY
+        deployments = {d["name"]: d for d in application["deployments"]}
+        deployments["net"]["num_replicas"] = 2  # two, on both nodes, for the kill
+        deployments[UNPLACED]["ray_actor_options"]["num_gpus"] = 1
         config.write_text(yaml.safe_dump(document))
         _run([str(BIN / "serve"), "deploy", str(config), f"--address={running.dashboard}"], log, timeout=300)
-        deadline = time.monotonic() + 240
+        deadline = time.monotonic() + 420
         while True:
             try:
                 if all(requests.get(f"{running.url}/v2/models/{m}/ready", headers=AUTH, timeout=5).status_code == 200 for m in MODELS):
@@ -128,7 +139,7 @@ def cluster(store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[C
             except requests.RequestException:  # refused, or held while the application starts
                 pass
             if time.monotonic() > deadline:
-                pytest.fail(f"the Serve application was not ready in 240 s:\n{log.read_text()[-3000:]}")
+                pytest.fail(f"the Serve application was not ready in 420 s:\n{log.read_text()[-3000:]}")
             time.sleep(1)
         yield running
 
@@ -167,15 +178,23 @@ def test_every_archive_answers_on_ray_what_it_answers_on_torchserve(name: str, c
         assert (reply.status_code, reply.content) == ((e := model.explain(body, content_type, headers)).status, e.body)
 
 
+def test_readiness_is_a_replica_answering(cluster: Cluster) -> None:
+    """Serve would queue requests for a deployment whose replica cannot be placed: readiness says so instead."""
+    assert all(requests.get(f"{cluster.url}/v2/models/{m}/ready", timeout=10).status_code == 200 for m in MODELS)
+    assert requests.get(f"{cluster.url}/v2/models/{UNPLACED}/ready", timeout=10).status_code == 503
+    assert requests.get(f"{cluster.url}/v2/health/ready", timeout=10).status_code == 503
+    unhealthy = requests.get(f"{cluster.url}/ping", headers=AUTH, timeout=10)
+    assert (unhealthy.status_code, unhealthy.json()) == (500, {"status": "Unhealthy"})
+
+
 def test_ping_metadata_limits_keys_and_unknown_models(cluster: Cluster) -> None:
-    assert requests.get(f"{cluster.url}/ping", headers=AUTH, timeout=10).json() == {"status": "Healthy"}
     assert requests.get(f"{cluster.url}/v2/models/net", headers=AUTH, timeout=10).json()["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 10]}]
     body = json.dumps({"inputs": ROWS[0].tolist()}).encode()
     for wrong in ({}, {"Authorization": "Bearer nope"}):
         refused = requests.post(f"{cluster.url}/predictions/net", data=body, headers={"Content-Type": "application/json", **wrong}, timeout=10)
         assert refused.status_code == 401 and "Token Authorization failed" in refused.json()["message"]
     assert requests.get(f"{cluster.url}/ping", timeout=10).status_code == 401  # as on TorchServe: /ping needs the key
-    assert requests.get(f"{cluster.url}/v2/health/ready", timeout=10).status_code == 200  # probes carry none
+    assert requests.get(f"{cluster.url}/v2/health/live", timeout=10).status_code == 200  # probes carry none
     huge = _post(cluster, "/predictions/net", b"x" * (8 * 2**20 + 1), "application/json")
     assert huge.status_code == 413 and "more than the limit of 8,388,608 bytes" in huge.json()["message"]
     missing = _post(cluster, "/predictions/nothing", b"{}", "application/json")

@@ -42,3 +42,14 @@ def test_names_pick_archives_and_missing_ones_are_named(net_archive: Path, tmp_p
         serve_config(tmp_path / "empty", [])
     with pytest.raises(ArchiverError, match="is not a folder"):  # the same store listing as the hosts'
         serve_config(tmp_path / "nowhere", [])
+
+
+def test_replicas_override_every_archives_workers_and_the_proxy_times_out(net_archive: Path, tmp_path: Path) -> None:
+    shutil.copy(net_archive, tmp_path / "net.mar")
+    assert Archive(tmp_path / "net.mar").workers != (1, 1)
+    config = serve_config(tmp_path, [], replicas=1)
+    parsed = schema.ServeDeploySchema.model_validate(config)
+    assert [d.num_replicas for d in parsed.applications[0].deployments] == [1]
+    assert parsed.http_options.request_timeout_s == 120  # TorchServe's default_response_timeout: no request waits forever
+    with pytest.raises(ArchiverError, match="--replicas must be at least 1, got 0"):
+        serve_config(tmp_path, [], replicas=0)
