@@ -59,6 +59,15 @@ class RunDir:
         return self.path / "logs"
 
     @property
+    def batching_file(self) -> Path:
+        return self.path / "batching.txt"
+
+    @property
+    def batching(self) -> str:
+        """The aggregator the server runs with, as ``ts-server start`` found it (scripts/batching.py)."""
+        return self.batching_file.read_text().strip() if self.batching_file.is_file() else "stock (not started by ts-server)"
+
+    @property
     def console_log(self) -> Path:
         return self.path / "torchserve.out"
 

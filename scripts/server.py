@@ -27,6 +27,7 @@ import requests
 from serveready.handlers.archive import DEFAULT_JOB_QUEUE_SIZE, Archive
 from serveready.handlers.errors import ServereadyError
 
+from . import batching
 from .client import Management, fresh_key
 from .runinfo import RunDir, ScriptError, TokenKind
 
@@ -64,6 +65,8 @@ class ServerConfig:
     metrics_mode: str = "prometheus"
     # The log4j2 configuration: ours (lean, see log4j2.xml), "" for TorchServe's default, or a file.
     log_config: Path | None = LEAN_LOG_CONFIG
+    # "no-wait": batches of what is queued, up to batchSize, without waiting (scripts/batching.py); "stock": TorchServe's own.
+    batching: str = "no-wait"
 
     def properties(self) -> str:
         store = self.model_store.resolve()
@@ -148,6 +151,16 @@ def _env(run: RunDir) -> dict[str, str]:
     return env
 
 
+def _batching(config: ServerConfig, run: RunDir, launcher: str | None) -> batching.Batching:
+    """The aggregator the frontend will run: the no-wait one where it verifies with this Java and frontend, else stock."""
+    if config.batching == "stock":
+        return batching.remove(run.path)
+    home = java_home()
+    java = str(Path(home) / "bin" / "java") if home else None
+    python = str(Path(launcher).with_name("python")) if launcher else None  # another installation's frontend
+    return batching.install(run.path, java, python)
+
+
 def _ping(run: RunDir) -> bool:
     try:
         token = run.token(TokenKind.INFERENCE)
@@ -188,6 +201,7 @@ def start(config: ServerConfig, timeout: float = 120.0, torchserve: str | None =
     run.key_file.unlink(missing_ok=True)  # never read a previous server's keys
     run.config_file.write_text(config.properties())
     launcher = str(Path(torchserve).resolve()) if torchserve and os.sep in torchserve else torchserve
+    run.batching_file.write_text(f"{_batching(config, run, launcher)}\n")
     command = [launcher or _torchserve(), "--start", "--ncs", "--ts-config", str(run.config_file), "--model-store", str(config.model_store.resolve())]
     if config.log_config:
         command += ["--log-config", str(Path(config.log_config).resolve())]
@@ -238,6 +252,7 @@ def info(run_dir: Path) -> str:
     lines = [
         f"inference API:  {url}   management API: {run.management_url}",
         f"keys (expire after token_expiration_min): {run.key_file}",
+        f"batching: {run.batching}",
         f"models: {', '.join(models) if models else 'none registered yet (ts-manage register NAME.mar)'}",
         "try:",
         f"  curl {auth}{url}/ping",
@@ -341,6 +356,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="log4j2 configuration (default: this library's lean one, see docs/tuning.md; \"\" for TorchServe's own)")
     s.add_argument("--metrics-mode", choices=["prometheus", "log"], default="prometheus", help="(default: %(default)s)")
     s.add_argument("--torchserve", help="another installation's torchserve launcher (its workers run on that Python), e.g. a serving-only virtualenv's")
+    s.add_argument("--batching", choices=["no-wait", "stock"], default="no-wait",
+                   help="no-wait: a batch takes what is queued, up to batchSize, without waiting (docs/batching.md); stock: TorchServe 0.12's own (default: %(default)s)")
     sub.add_parser("stop", help="stop the TorchServe of --run-dir")
     sub.add_parser("info", help="print addresses, keys and curl lines")
     return parser
@@ -370,11 +387,13 @@ def main(argv: list[str] | None = None) -> int:
             job_queue_size=args.job_queue_size,
             metrics_mode=args.metrics_mode,
             log_config=args.log_config,
+            batching=args.batching,
         )
         if not config.model_store.is_dir():
             raise ScriptError(f"model store {config.model_store} does not exist: run `make mar` first")
         run = start(config, args.timeout, torchserve=args.torchserve)
         print(f"TorchServe is healthy: inference {run.inference_url}, management {run.management_url}; keys in {run.key_file}")
+        print(f"batching: {run.batching}")
         return 0
     except ServereadyError as err:
         print(f"ts-server: error: {err.message}", file=sys.stderr)
