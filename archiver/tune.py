@@ -5,10 +5,11 @@ loopback ports, register the built archive with each candidate setting (workers 
 size x batch delay x torch threads per worker), drive it with ``wrk`` at the concurrencies
 asked for, and keep the setting that meets the p99 bound at the highest throughput.
 
-The sweep is pruned by what TorchServe 0.12's batch aggregator does (read from its
-``Model.pollBatch``): with ``maxBatchDelay: 0`` it takes the first queued request and at
-most one more, so every batch size above 2 behaves alike; with ``batchSize: 1`` the delay
-is never used. Workers times threads never exceed the cores. Then two stages: every
+The sweep is pruned by what the server's batch aggregator does: TorchServe 0.12's own
+(``Model.pollBatch``) with ``maxBatchDelay: 0`` takes the first queued request and at most one
+more, so every batch size above 2 behaves alike there (``ts-server``'s no-wait aggregator takes
+what is queued up to the batch size, so there each size is its own candidate); with
+``batchSize: 1`` the delay is never used. Workers times threads never exceed the cores. Then two stages: every
 candidate is screened at the lowest and highest concurrency for a short time, and only
 the best ``keep`` (by the geometric mean of their requests/s) are measured at every level.
 The sweep itself, which starts a TorchServe and drives it, is in ``serveready.scripts.tune``.
@@ -101,8 +102,9 @@ def candidates(
     batch_sizes: Iterable[int] = (1, 4, 8, 16),
     delays: Iterable[int] = (0, 1, 5),
     threads: Iterable[int] | None = None,
+    no_wait: bool = False,
 ) -> list[Candidate]:
-    """The pruned grid (see the module docstring for the rules)."""
+    """The pruned grid (see the module docstring for the rules); ``no_wait``: the server runs ``ts-server``'s no-wait aggregator."""
     found: set[Candidate] = set()
     for w in workers:
         if w < 1 or w > cores:
@@ -114,7 +116,7 @@ def candidates(
                     found.add(Candidate(w, 1, 0, t))
                     continue
                 for d in delays:
-                    found.add(Candidate(w, min(b, 2) if d == 0 else b, d, t))
+                    found.add(Candidate(w, min(b, 2) if d == 0 and not no_wait else b, d, t))
     return sorted(found)
 
 

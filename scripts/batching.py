@@ -199,18 +199,26 @@ def verified_patch(jar: Path, java: str | None = None) -> Path:
     return folder / "classes"
 
 
+def probe(java: str | None = None, python: str | None = None) -> tuple[Batching, Path | None]:
+    """What a ``ts-server`` here would run with, and the folder of the verified class when it is the no-wait one."""
+    try:
+        classes = verified_patch(frontend_jar(python), java)
+    except (PatchUnavailable, OSError, subprocess.SubprocessError, zipfile.BadZipFile) as err:
+        return Batching("stock", f"TorchServe's own aggregator: {err}"), None
+    return Batching("no-wait", "a batch takes what is queued, up to batchSize, without waiting; maxBatchDelay still caps any wait"), classes
+
+
 def install(run_dir: Path, java: str | None = None, python: str | None = None) -> Batching:
     """Put the verified patched class on the classpath of the server started from ``run_dir`` (whose frontend is
     ``python``'s TorchServe, by default this environment's), or say why not."""
-    target = run_dir / MODEL_CLASS
-    try:
-        source = verified_patch(frontend_jar(python), java) / MODEL_CLASS
-    except (PatchUnavailable, OSError, subprocess.SubprocessError, zipfile.BadZipFile) as err:
+    chosen, classes = probe(java, python)
+    if classes is None:
         remove(run_dir)
-        return Batching("stock", f"TorchServe's own aggregator: {err}")
+        return chosen
+    target = run_dir / MODEL_CLASS
     target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(source, target)
-    return Batching("no-wait", "a batch takes what is queued, up to batchSize, without waiting; maxBatchDelay still caps any wait")
+    shutil.copyfile(classes / MODEL_CLASS, target)
+    return chosen
 
 
 def remove(run_dir: Path) -> Batching:
@@ -219,4 +227,4 @@ def remove(run_dir: Path) -> Batching:
     return Batching("stock", "TorchServe's own aggregator, as asked")
 
 
-__all__ = ["Batching", "PatchUnavailable", "frontend_jar", "install", "method_code", "patch_class", "remove", "verified_patch"]
+__all__ = ["Batching", "PatchUnavailable", "frontend_jar", "install", "method_code", "patch_class", "probe", "remove", "verified_patch"]

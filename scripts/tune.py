@@ -37,10 +37,11 @@ from serveready.archiver.tune import (
 )
 from serveready.handlers.runtime import machine
 
+from . import batching
 from .client import Management
 from .loadgen import Load, run_wrk, wrk_path
 from .runinfo import RunDir, ScriptError, TokenKind
-from .server import isolated, start, stop
+from .server import isolated, java_binary, start, stop
 
 Progress = Callable[[str], None]
 
@@ -161,7 +162,9 @@ def tune_command(args: argparse.Namespace) -> int:
     else:
         archive = store_archive(args.store, spec.name)
         body, content_type = (args.body.read_bytes(), args.content_type) if args.body else default_request(spec)
-        grid = candidates(cores(), args.workers, args.batch_sizes, args.delays, args.threads)
+        aggregator, _ = batching.probe(java_binary())
+        where = f"{where}, {aggregator.mode} batching"
+        grid = candidates(cores(), args.workers, args.batch_sizes, args.delays, args.threads, no_wait=aggregator.mode == "no-wait")
         if not grid:
             raise ScriptError("no candidate settings left: check --workers, --batch-sizes and --threads against this machine's cores")
         print(f"tuning {spec.name}: {len(grid)} settings screened at c={min(plan.levels)} and c={max(plan.levels)}, "

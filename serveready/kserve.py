@@ -103,6 +103,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.workers > 1 and args.http_fd is None:
         from .workers import supervise
 
+        try:
+            hosting.archives(args.model_dir, args.model_name)  # a wrong store fails here, once, not in every copy
+        except hosting.ServereadyError as err:
+            print(f"serveready.kserve: error: {err}", file=sys.stderr)
+            return err.exit_code
         return supervise(lambda fd: worker_argv(args, fd), args.host, args.http_port, args.workers)
     sys.argv = kserve_argv(args)
     from . import _kserve_server  # imports kserve, which parses sys.argv

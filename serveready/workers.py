@@ -26,6 +26,8 @@ logger = logging.getLogger("serveready.workers")
 
 RESTART_PAUSE_S = 1.0  # a copy that dies at start is not restarted in a tight loop
 STOP_GRACE_S = 30.0
+EARLY_EXIT_S = 30.0  # a copy that exits this soon after its start failed to start...
+EARLY_EXITS = 3      # ...and this many such failures in a row stop the supervisor (a broken store, a port in use)
 
 
 def listening_socket(host: str, port: int, backlog: int = 2048) -> socket.socket:
@@ -53,19 +55,22 @@ class Supervisor:
     def __init__(self, command: Callable[[int], Sequence[str]], sock: socket.socket, count: int) -> None:
         self.command, self.sock, self.count = command, sock, count
         self.children: list[subprocess.Popen | None] = [None] * count
+        self.started: list[float] = [0.0] * count
+        self.early_exits = 0
         self.stopping = False
 
     def _start(self, slot: int) -> None:
         fd = self.sock.fileno()
         child = subprocess.Popen(list(self.command(fd)), pass_fds=(fd,), preexec_fn=_die_with_parent if sys.platform == "linux" else None)
-        self.children[slot] = child
+        self.children[slot], self.started[slot] = child, time.monotonic()
         logger.info("worker %d: process %d", slot, child.pid)
 
     def _stop(self, signum: int, frame: object) -> None:
         self.stopping = True
 
     def run(self) -> int:
-        """Start the children, keep them alive until SIGTERM/SIGINT, then stop them (SIGTERM, then SIGKILL)."""
+        """Start the children, keep them alive until SIGTERM/SIGINT, then stop them (SIGTERM, then SIGKILL). Returns 0,
+        or 1 when copies kept failing at start (then nothing would ever answer: better a visible exit)."""
         previous = {s: signal.signal(s, self._stop) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
             for slot in range(self.count):
@@ -73,10 +78,17 @@ class Supervisor:
             while not self.stopping:
                 time.sleep(0.2)
                 for slot, child in enumerate(self.children):
-                    if child is not None and child.poll() is not None and not self.stopping:
-                        logger.warning("worker %d: process %d exited with %s; starting another", slot, child.pid, child.returncode)
-                        time.sleep(RESTART_PAUSE_S)
-                        self._start(slot)
+                    if child is None or child.poll() is None or self.stopping:
+                        continue
+                    early = time.monotonic() - self.started[slot] < EARLY_EXIT_S
+                    self.early_exits = self.early_exits + 1 if early else 0
+                    if self.early_exits >= EARLY_EXITS:
+                        logger.error("worker %d: process %d exited with %s, the %d. failure at start in a row: stopping", slot, child.pid,
+                                     child.returncode, self.early_exits)
+                        return 1
+                    logger.warning("worker %d: process %d exited with %s; starting another", slot, child.pid, child.returncode)
+                    time.sleep(RESTART_PAUSE_S)
+                    self._start(slot)
         finally:
             self._stop_children()
             for s, handler in previous.items():

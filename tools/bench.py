@@ -35,7 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,16 +43,18 @@ import psutil
 import requests
 
 from serveready.archiver.tune import concurrency_axes
+from serveready.handlers.archive import Archive
 from serveready.handlers.runtime import machine
 from serveready.scripts.client import Management
 from serveready.scripts.loadgen import Load, LoadResult, run_wrk, wrk_path
 from serveready.scripts.runinfo import RunDir, ScriptError, TokenKind
 from serveready.scripts.server import _pid, free_ports, isolated, start, stop
 
+from . import bench_hosts
 from .profile import profile_archive, profile_table
 
 BASELINES = Path(__file__).with_name("baselines")
-SYSTEMS = ("project", "project-1ms", "plain", "stock-b1", "stock-tuned", "litserve")
+SYSTEMS = ("project", "project-1ms", "plain", "stock-b1", "stock-tuned", "litserve", "kserve", "ray")
 #: project-1ms: the same archive and server with the setting ts-archive tune picks when a lone
 #: client may wait (--lone-slowdown 0): full batches, each waiting up to 1 ms to fill.
 THROUGHPUT_SETTING = {"workers": 2, "batch_size": 16, "max_batch_delay": 1}
@@ -72,6 +74,11 @@ class Workload:
     content_type: str
     litserve_body: bytes  # LitServe decodes JSON only
     extra_files: tuple[Path, ...] = ()  # what the stock handler reads beside the weights (a tokenizer)
+    configs: Path | None = None  # a model outside the repository's model_configs/: built into its own store on first use
+
+    def store(self, default: Path) -> Path:
+        """Where its archive is: the model store, or its example's own (``examples/NAME/model_store``)."""
+        return default if self.configs is None else self.configs.parent / "model_store"
 
 
 @dataclass
@@ -84,19 +91,31 @@ class System:
     pids: Sequence[int]   # process trees whose CPU counts as the server's
     body: bytes
     content_type: str
+    host: str = ""        # the server process it shares with others (one cold start, one memory figure per host)
+
+    def processes(self) -> list[psutil.Process]:
+        """Every process of the trees, once."""
+        found: dict[int, psutil.Process] = {}
+        for pid in self.pids:
+            found.update({p.pid: p for p in bench_hosts.tree(pid)})
+        return list(found.values())
 
     def cpu_seconds(self) -> float:
         total = 0.0
-        for pid in self.pids:
-            try:
-                root = psutil.Process(pid)
-                for proc in [root, *root.children(recursive=True)]:
-                    with contextlib.suppress(psutil.Error):
-                        times = proc.cpu_times()
-                        total += times.user + times.system
-            except psutil.Error:
-                continue
+        for proc in self.processes():
+            with contextlib.suppress(psutil.Error):
+                times = proc.cpu_times()
+                total += times.user + times.system
         return total
+
+    def memory(self) -> tuple[float, int]:
+        """Resident MiB of the server's processes, and how many there are."""
+        total, count = 0.0, 0
+        for proc in self.processes():
+            with contextlib.suppress(psutil.Error):
+                total += proc.memory_info().rss / 2**20
+                count += 1
+        return total, count
 
 
 @dataclass(frozen=True)
@@ -109,12 +128,22 @@ class Cell:
     server_cpu_us: float  # server CPU per request, microseconds
 
 
-STOCK_HANDLERS = {"tabular": "stock_tabular.py", "digits": "stock_digits.py", "text": "stock_text.py", "audio": "stock_audio.py"}
+STOCK_HANDLERS = {"tabular": "stock_tabular.py", "digits": "stock_digits.py", "text": "stock_text.py", "audio": "stock_audio.py",
+                  "image": "stock_image.py"}
+RESNET = Path("examples/resnet18")
+
+
+def photo() -> bytes:
+    """A real photograph that ships offline: scikit-learn's sample ``china.jpg`` (640x427 JPEG)."""
+    import importlib.resources
+
+    return (importlib.resources.files("sklearn.datasets") / "images" / "china.jpg").read_bytes()
 
 
 def workloads(image: Path, review: Path = Path("docs/review.txt"), clip: Path = Path("docs/seven.wav")) -> dict[str, Workload]:
     """The four examples, each with the body its README curl line sends (the text as JSON, for LitServe too)."""
     png = image.read_bytes()
+    jpeg = photo()
     text = json.dumps({"text": review.read_text().strip()}).encode() if review.is_file() else b""
     wav = clip.read_bytes() if clip.is_file() else b""
     return {
@@ -128,7 +157,23 @@ def workloads(image: Path, review: Path = Path("docs/review.txt"), clip: Path = 
         "spoken_digits": Workload("spoken_digits", "audio", Path("examples/spoken_digits/models/spoken_digits.py"), "SpokenDigitNet",
                                   Path("examples/spoken_digits/artifacts/spoken_digits.pt"), wav, "audio/wav",
                                   json.dumps({"audio": base64.b64encode(wav).decode()}).encode()),
+        "resnet18": Workload("resnet18", "image", RESNET / "models/resnet18.py", "ResNet18", RESNET / "artifacts/resnet18.pt", jpeg, "image/jpeg",
+                             json.dumps({"image": base64.b64encode(jpeg).decode()}).encode(), configs=RESNET / "model_configs"),
     }
+
+
+def ensure_archive(work: Workload, default_store: Path, progress) -> Path:
+    """The workload's archive; a model of its own example folder is trained and built there when stale (a progress line each)."""
+    store = work.store(default_store)
+    if work.configs is not None:
+        tool = str(Path(sys.executable).with_name("ts-archive"))
+        progress(f"{work.model}: ts-archive train and build --if-stale in {work.configs.parent} (seeded weights, the archive)")
+        for step in (["train", "--if-stale", work.model], ["build", "--if-stale", "--store", str(store), work.model]):
+            subprocess.run([tool, "--configs", str(work.configs), *step], check=True, cwd=Path.cwd())
+    archive = store / f"{work.model}.mar"
+    if not archive.is_file():
+        raise ScriptError(f"{archive} does not exist: make mar")
+    return archive
 
 
 # -- the systems ----------------------------------------------------------------
@@ -183,24 +228,35 @@ def stop_tree(pid: int) -> None:
 
 
 @contextlib.contextmanager
-def running_systems(work: Workload, names: Sequence[str], store: Path, scratch: Path, progress) -> Iterator[list[System]]:
-    """Start what ``names`` need (two TorchServes, LitServe), register the models; stop all afterwards."""
+def running_systems(work: Workload, names: Sequence[str], store: Path, scratch: Path, progress,
+                    cold: dict[str, float] | None = None) -> Iterator[list[System]]:
+    """Start what ``names`` need (two TorchServes, LitServe, KServe's server, a Ray), register the models; stop all
+    afterwards. ``cold`` gets each host's cold start: seconds from starting its process to its first answer."""
     systems: list[System] = []
     runs: list[Path] = []
     litserve: subprocess.Popen | None = None
+    others: list[Callable[[], None]] = []
+    cold = {} if cold is None else cold
+
+    def first_answer(system: System, began: float) -> System:
+        answer_of(system)
+        cold.setdefault(system.host, time.monotonic() - began)
+        return system
+
     try:
         if "project" in names:
             progress(f"{work.model}: starting the project's TorchServe (ts-server configuration)")
+            began = time.monotonic()
             run = start(isolated(scratch / "project", store))
             runs.append(run.path)
             Management.from_run(run).register(f"{work.model}.mar")  # workers and batching: the archive's own
-            systems.append(_ts_system("project", run, work.model, work))
+            systems.append(first_answer(_ts_system("project", run, work.model, work), began))
         if "project-1ms" in names:
             if not runs:
                 run = start(isolated(scratch / "project", store))
                 runs.append(run.path)
             Management.from_run(run).register(f"{work.model}.mar", name=f"{work.model}_1ms", **THROUGHPUT_SETTING)
-            systems.append(_ts_system("project-1ms", run, f"{work.model}_1ms", work))
+            systems.append(_ts_system("project-1ms", run, f"{work.model}_1ms", work))  # its host's cold start is project's
         stock = [n for n in names if n.startswith("stock-") or n == "plain"]
         if stock:
             progress(f"{work.model}: starting a stock TorchServe (default logging and metrics) for {', '.join(stock)}")
@@ -213,7 +269,9 @@ def running_systems(work: Workload, names: Sequence[str], store: Path, scratch: 
                               {"minWorkers": 2, "maxWorkers": 2, "batchSize": 8, "maxBatchDelay": 5}, 1)
             if "plain" in stock:
                 shutil.copy2(store / f"{work.model}.mar", stock_store / f"{work.model}_plain.mar")
-            config = dataclasses.replace(isolated(scratch / "stock", stock_store), metrics_mode="log", log_config=None, job_queue_size=100)
+            config = dataclasses.replace(isolated(scratch / "stock", stock_store), metrics_mode="log", log_config=None, job_queue_size=100,
+                                         batching="stock")
+            began = time.monotonic()
             run = start(config)
             runs.append(run.path)
             management = Management.from_run(run)
@@ -221,24 +279,42 @@ def running_systems(work: Workload, names: Sequence[str], store: Path, scratch: 
                 # Registered as a stock user would (curl): ts-manage refuses archives without SHA256SUMS,
                 # and would pass the archive's register: section, which a plain register call does not.
                 model = f"{work.model}_{name.replace('-', '_')}"
-                management.call("POST", "/models", url=f"{model}.mar", model_name=model, initial_workers=2, synchronous="true")
-                management.wait_ready(model, 2, timeout=120.0)
-                systems.append(_ts_system(name, run, model, work))
+                workers = Archive(stock_store / f"{model}.mar").workers[0] if name == "plain" else 2  # plain: the archive's own
+                management.call("POST", "/models", url=f"{model}.mar", model_name=model, initial_workers=workers, synchronous="true")
+                management.wait_ready(model, workers, timeout=120.0)
+                systems.append(first_answer(_ts_system(name, run, model, work, "stock TorchServe"), began))
         if "litserve" in names:
             progress(f"{work.model}: starting LitServe")
+            began = time.monotonic()
             litserve, url = start_litserve(work, scratch / f"litserve_{work.model}.log")
-            systems.append(System("litserve", url, None, [litserve.pid], work.litserve_body, "application/json"))
+            systems.append(first_answer(System("litserve", url, None, [litserve.pid], work.litserve_body, "application/json", "LitServe"), began))
+        if "kserve" in names:
+            progress(f"{work.model}: starting KServe's model server (python -m serveready.kserve --workers 2)")
+            began = time.monotonic()
+            kserve, url = bench_hosts.start_kserve(work.model, store, scratch / f"kserve_{work.model}.log")
+            others.append(lambda: stop_tree(kserve.pid))
+            systems.append(first_answer(System("kserve", url, None, [kserve.pid], work.body, work.content_type, "KServe"), began))
+        if "ray" in names:
+            progress(f"{work.model}: starting Ray Serve (serve run of ts-archive ray's config, 2 replicas of 1 CPU)")
+            (scratch / "ray").mkdir()
+            began = time.monotonic()
+            ray, url, temp = bench_hosts.start_ray(work.model, store, scratch / "ray", scratch / f"ray_{work.model}.log")
+            others.append(lambda: bench_hosts.stop_ray(ray, temp))
+            pids = [ray.pid, *(p.pid for p in bench_hosts.ray_processes(temp))]
+            systems.append(first_answer(System("ray", url, None, pids, work.body, work.content_type, "Ray Serve"), began))
         yield systems
     finally:
         for path in runs:
             stop(path)
         if litserve is not None:
             stop_tree(litserve.pid)
+        for stop_other in others:
+            stop_other()
 
 
-def _ts_system(name: str, run: RunDir, model: str, work: Workload) -> System:
+def _ts_system(name: str, run: RunDir, model: str, work: Workload, host: str = "TorchServe (ts-server)") -> System:
     pid = _pid(run)
-    return System(name, f"{run.inference_url}/predictions/{model}", run.token(TokenKind.INFERENCE), [pid] if pid else [], work.body, work.content_type)
+    return System(name, f"{run.inference_url}/predictions/{model}", run.token(TokenKind.INFERENCE), [pid] if pid else [], work.body, work.content_type, host)
 
 
 # -- measuring --------------------------------------------------------------------
@@ -268,11 +344,14 @@ def answer_of(system: System) -> str:
 
 
 def bench(work: Workload, names: Sequence[str], levels: Sequence[int], seconds: float, repeats: int, warmup: float,
-          store: Path, progress) -> tuple[dict[tuple[str, int], list[Cell]], str]:
+          store: Path, progress) -> tuple[dict[tuple[str, int], list[Cell]], str, dict[str, dict[str, float]]]:
     """Check that every system gives the same answer, warm them up, then interleave levels and systems, ``repeats``
-    times, rotating the order. Returns the cells and the answer."""
+    times, rotating the order. Returns the cells, the answer, and per host its cold start and (after the warm-up)
+    its resident memory and processes."""
     cells: dict[tuple[str, int], list[Cell]] = {}
-    with tempfile.TemporaryDirectory(prefix="ts-bench-") as tmp, running_systems(work, names, store, Path(tmp), progress) as systems:
+    cold: dict[str, float] = {}
+    hosts: dict[str, dict[str, float]] = {}
+    with tempfile.TemporaryDirectory(prefix="ts-bench-") as tmp, running_systems(work, names, store, Path(tmp), progress, cold) as systems:
         answers = {system.name: answer_of(system) for system in systems}
         if len(set(answers.values())) > 1:
             raise ScriptError(f"{work.model}: the systems answer differently: " + "; ".join(f"{k}: {v}" for k, v in answers.items()))
@@ -280,6 +359,11 @@ def bench(work: Workload, names: Sequence[str], levels: Sequence[int], seconds: 
         for system in systems:
             progress(f"{work.model}: warming {system.name} up for {warmup:.0f}s")
             measure(system, max(levels), warmup, Path(tmp), -1)
+        for system in systems:
+            if system.host and system.host not in hosts:
+                rss, count = system.memory()
+                hosts[system.host] = {"cold_start_s": round(cold.get(system.host, float("nan")), 2), "rss_mib": round(rss), "processes": count}
+                progress(f"{work.model}: {system.host}: cold start {hosts[system.host]['cold_start_s']:.1f} s, {rss:,.0f} MiB in {count} processes")
         total = repeats * len(levels) * len(systems)
         done = 0
         for repeat in range(repeats):
@@ -292,7 +376,7 @@ def bench(work: Workload, names: Sequence[str], levels: Sequence[int], seconds: 
                     r = cell.result
                     progress(f"[{done}/{total}] {work.model} {system.name:12s} c={level:<3d} {r.rps:8,.0f} req/s  p50 {r.p50_ms:6.2f}  "
                              f"p99 {r.p99_ms:7.2f} ms  errors {r.errors}  server {cell.server_cpu_us:5.0f} us/req  wrk {r.client_cpu_s / r.seconds:.2f} core")
-    return cells, next(iter(answers.values()), "")
+    return cells, next(iter(answers.values()), ""), hosts
 
 
 # -- summarising --------------------------------------------------------------------
@@ -364,7 +448,27 @@ def plain_verdicts(table: dict[tuple[str, int], Summary], levels: Sequence[int])
     return out
 
 
-def markdown(model: str, table: dict[tuple[str, int], Summary], names: Sequence[str], levels: Sequence[int], answer: str = "") -> str:
+def host_verdicts(table: dict[tuple[str, int], Summary], levels: Sequence[int]) -> list[str]:
+    """KServe's model server against LitServe on the same weights (target: ahead at every level); Ray beside them."""
+    out = []
+    for level in levels:
+        kserve, lit, ray = table.get(("kserve", level)), table.get(("litserve", level)), table.get(("ray", level))
+        if kserve is not None and lit is not None:
+            out.append(f"- {'met' if kserve.rps > lit.rps and kserve.errors == 0 else '**missed**'}: c={level} KServe's server "
+                       f"{kserve.rps / lit.rps:.2f}x LitServe's req/s (target > 1x)")
+        if ray is not None and lit is not None:
+            out.append(f"- (reported) c={level} Ray Serve {ray.rps / lit.rps:.2f}x LitServe's req/s, p50 {ray.p50:.2f} ms")
+    return out
+
+
+def host_table(hosts: dict[str, dict[str, float]]) -> list[str]:
+    rows = ["| host | cold start (process start to first answer) | resident memory after warm-up | processes |", "|---|---:|---:|---:|"]
+    rows += [f"| {name} | {h['cold_start_s']:.1f} s | {h['rss_mib']:,.0f} MiB | {h['processes']:.0f} |" for name, h in hosts.items()]
+    return rows
+
+
+def markdown(model: str, table: dict[tuple[str, int], Summary], names: Sequence[str], levels: Sequence[int], answer: str = "",
+             hosts: dict[str, dict[str, float]] | None = None) -> str:
     said = [f"Every system answers the body with the same {answer} (checked before measuring).", ""] if answer else []
     rows = [f"### `{model}`", "", *said,
             "| system | clients | req/s (range) | p50 ms | p90 ms | p99 ms | errors | server CPU µs/req | wrk cores |",
@@ -383,6 +487,11 @@ def markdown(model: str, table: dict[tuple[str, int], Summary], names: Sequence[
         found = verdicts(table, levels, system)
         if found:
             targets += ["", f"Targets, `{system}` ({model}):", *found]
+    others = host_verdicts(table, levels)
+    if others:
+        targets += ["", f"The other hosts ({model}):", *others]
+    if hosts:
+        targets += ["", *host_table(hosts)]
     return "\n".join([*rows, *targets, ""])
 
 
@@ -455,8 +564,8 @@ def _tables(rows: list[dict]) -> dict[tuple[str, int], Summary]:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="net,digits,sentiment,spoken_digits",
-                        help="comma-separated: net, digits, sentiment, spoken_digits (default: %(default)s)")
+    parser.add_argument("--models", default="net,digits,resnet18,sentiment,spoken_digits",
+                        help="comma-separated: net, digits, resnet18, sentiment, spoken_digits (default: %(default)s)")
     parser.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated, of: " + ", ".join(SYSTEMS))
     parser.add_argument("--levels", default="1,8,32,64", help="concurrent clients (default: %(default)s)")
     parser.add_argument("--seconds", type=float, default=4.0, help="seconds per cell (default: %(default)s)")
@@ -488,18 +597,17 @@ def main(argv: list[str] | None = None) -> int:
             for model in chosen:
                 if model not in works:
                     raise ScriptError(f"unknown model {model!r}: ts-bench knows {', '.join(works)}")
-                if not (args.model_store / f"{model}.mar").is_file():
-                    raise ScriptError(f"{args.model_store / model}.mar does not exist: make mar")
-            recorded = {"header": header(args), "names": names, "levels": levels, "profiles": {}, "cells": {}, "answers": {}}
+            archives = {model: ensure_archive(works[model], args.model_store, lambda line: print(line, file=sys.stderr, flush=True)) for model in chosen}
+            recorded = {"header": header(args), "names": names, "levels": levels, "profiles": {}, "cells": {}, "answers": {}, "hosts": {}}
             for model in chosen:
                 work = works[model]
                 print(f"{model}: profiling one batch in-process (TorchServe's Service.predict and the handler's stages)", file=sys.stderr)
-                recorded["profiles"][model] = profile_table(model, profile_archive(args.model_store / f"{model}.mar", work.body, work.content_type))
-                cells, recorded["answers"][model] = bench(work, names, levels, args.seconds, args.repeats, args.warmup, args.model_store,
+                recorded["profiles"][model] = profile_table(model, profile_archive(archives[model], work.body, work.content_type))
+                cells, recorded["answers"][model], recorded["hosts"][model] = bench(work, names, levels, args.seconds, args.repeats, args.warmup, archives[model].parent,
                                                           lambda line: print(line, file=sys.stderr, flush=True))
                 recorded["cells"][model] = [{"system": c.system, "repeat": c.repeat, "server_cpu_us": round(c.server_cpu_us, 1), **c.result.to_dict()}
                                             for value in cells.values() for c in value]
-            args.out.with_suffix(".json").write_text(json.dumps(recorded, indent=1) + "\n")
+                args.out.with_suffix(".json").write_text(json.dumps(recorded, indent=1) + "\n")  # after each model: a later failure keeps it
     except (ScriptError, subprocess.CalledProcessError) as err:
         print(f"bench: error: {getattr(err, 'message', err)}", file=sys.stderr)
         return 1
@@ -510,7 +618,8 @@ def main(argv: list[str] | None = None) -> int:
     generated = "\n".join([
         recorded["header"],
         "",
-        *[markdown(model, table, names, levels, recorded.get("answers", {}).get(model, "")) for model, table in results.items()],
+        *[markdown(model, table, names, levels, recorded.get("answers", {}).get(model, ""), recorded.get("hosts", {}).get(model))
+          for model, table in results.items()],
         f"![req/s and p99 against concurrent clients, per system]({png.name})",
         "",
         "### Inside the worker: one batch, stage by stage",

@@ -81,7 +81,7 @@ def test_the_tree_holds_config_store_and_manifest(kserve_tree: Path, net_archive
 
 def test_torchserve_from_the_generated_config_answers_v1_and_v2(pod: dict[str, str], net_spec: ModelSpec) -> None:
     described = requests.get(f"{pod['management']}/models/net", timeout=10).json()[0]
-    assert (described["batchSize"], described["maxBatchDelay"], described["minWorkers"]) == (2, 0, 2)  # serve: as tuned, delay 0 kept
+    assert (described["batchSize"], described["maxBatchDelay"], described["minWorkers"]) == (net_spec.serve.batchSize, 0, 2)  # as tuned, delay 0 kept
     expected = reference_net(net_spec.weights, ROWS)
     v1 = requests.post(f"{pod['inference']}/v1/models/net:predict", json={"instances": ROWS.tolist()}, timeout=30)
     assert v1.status_code == 200, v1.text

@@ -135,3 +135,16 @@ def test_a_workers_command_line_is_the_servers_own_on_the_shared_socket() -> Non
     assert again.http_fd == 7 and again.workers == 1  # one process each, on the inherited socket
     assert {k: v for k, v in vars(again).items() if k not in ("http_fd", "workers")} == {k: v for k, v in vars(args).items() if k not in ("http_fd", "workers")}
     assert kserve.main(["--model_dir", "store", "--workers", "0"]) == 2
+
+
+def test_workers_that_keep_failing_at_start_stop_the_supervisor(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    import sys
+
+    from serveready import kserve, workers
+
+    monkeypatch.setattr(workers, "RESTART_PAUSE_S", 0.05)
+    sock = workers.listening_socket("127.0.0.1", 0)
+    supervisor = workers.Supervisor(lambda fd: [sys.executable, "-c", "raise SystemExit(3)"], sock, 2)
+    assert supervisor.run() == 1 and supervisor.early_exits == workers.EARLY_EXITS  # not a restart loop forever
+    assert kserve.main(["--model_dir", "/nonexistent", "--workers", "2"]) != 0  # a wrong store: refused before any copy starts
+    assert "model store /nonexistent is not a folder" in capsys.readouterr().err

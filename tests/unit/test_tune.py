@@ -47,6 +47,12 @@ def test_grid_is_pruned_by_what_torchserve_does() -> None:
     assert len(grid) == 3 * (1 + 1 + 3 * 2) == len(set(grid))
 
 
+def test_with_the_no_wait_aggregator_every_batch_size_without_delay_is_a_candidate() -> None:
+    grid = candidates(cores=2, no_wait=True)
+    assert {c.batch_size for c in grid if c.max_batch_delay == 0} == {1, 4, 8, 16}
+    assert len(grid) == 3 * (1 + 3 * 3) == len(set(grid))  # per (workers, threads): b1, and {4, 8, 16} x {0, 1, 5}
+
+
 def test_pick_takes_the_highest_throughput_that_meets_the_bound() -> None:
     assert pick(RECORDED, p99_ms=50).candidate == Candidate(2, 8, 1, 1)
     assert pick(RECORDED, p99_ms=100).candidate == Candidate(1, 2, 0, 1)  # the bound admits it: highest geometric mean

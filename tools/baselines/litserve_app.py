@@ -6,7 +6,8 @@
 tabular: POST {"inputs": [10 numbers]} -> {"predictions": [[y]]};
 digits:  POST {"image": "<base64 PNG>"} -> top-3 classes (LitServe decodes JSON bodies only);
 text:    POST {"text": "..."} -> top-2 classes (``--extra-file`` the tokenizer.json);
-audio:   POST {"audio": "<base64 WAV>"} -> top-3 digits.
+audio:   POST {"audio": "<base64 WAV>"} -> top-3 digits;
+image:   POST {"image": "<base64 JPEG/PNG>"} -> top-5 of an ImageNet-style classifier (224x224).
 The text and audio decoders are the stock TorchServe handlers' own (tools/baselines/stock_*.py).
 """
 
@@ -22,7 +23,7 @@ import litserve as ls
 import torch
 from PIL import Image, ImageOps
 
-from . import stock_audio, stock_text
+from . import stock_audio, stock_image, stock_text
 
 
 def _load(model_file: Path, class_name: str, weights: Path) -> torch.nn.Module:
@@ -55,6 +56,8 @@ class ServedAPI(ls.LitAPI):
             return torch.tensor([encoding.ids]), torch.tensor([encoding.attention_mask])
         if self.kind == "audio":
             return stock_audio.features(stock_audio.read_clip(base64.b64decode(request["audio"]))[None], self.bank)
+        if self.kind == "image":
+            return stock_image.to_input(base64.b64decode(request["image"]))[None]
         image = ImageOps.invert(Image.open(io.BytesIO(base64.b64decode(request["image"]))).convert("L"))
         box = image.getbbox() or (0, 0, image.width, image.height)
         grid = image.crop(box).resize((8, 8), Image.Resampling.BOX)
@@ -71,13 +74,15 @@ class ServedAPI(ls.LitAPI):
             return {"predictions": stock_text.top_classes(output)[0]}
         if self.kind == "audio":
             return {"predictions": stock_audio.top_digits(output)[0]}
+        if self.kind == "image":
+            return {"predictions": stock_image.top5(output)[0]}
         top = torch.softmax(output, dim=1).topk(3, dim=1)
         return {"predictions": [{"class": str(i), "probability": p} for i, p in zip(top.indices[0].tolist(), top.values[0].tolist(), strict=True)]}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--kind", choices=["tabular", "digits", "text", "audio"], required=True)
+    parser.add_argument("--kind", choices=["tabular", "digits", "text", "audio", "image"], required=True)
     parser.add_argument("--model-file", type=Path, required=True)
     parser.add_argument("--class", dest="class_name", required=True)
     parser.add_argument("--weights", type=Path, required=True)
