@@ -58,7 +58,9 @@ def start_ray(model: str, store: Path, scratch: Path, log: Path, replicas: int =
     subprocess.run([str(BIN / "ts-archive"), "ray", "--store", str(store.resolve()), model, "--out", str(config), "--port", str(port),
                     "--num-cpus", "1", "--replicas", str(replicas)], check=True, capture_output=True)
     temp = Path(tempfile_dir())
-    env = {**os.environ, "RAY_TMPDIR": str(temp), "RAY_USAGE_STATS_ENABLED": "0"}
+    # RAY_AUTH_MODE explicit: a local Ray 2.60 otherwise writes ~/.ray/auth_token into the user's home, after which
+    # every later `ray start` turns token auth on (and nodes started without the token cannot join)
+    env = {**os.environ, "RAY_TMPDIR": str(temp), "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
     with open(log, "wb") as out:
         process = subprocess.Popen([str(BIN / "serve"), "run", str(config)], stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                    start_new_session=True, env=env, cwd=scratch)

@@ -34,6 +34,9 @@ pytest.importorskip("ray.serve", reason="pip install 'serveready[ray]' (make set
 MODELS = tuple(sorted(p.stem for p in (Path(__file__).resolve().parents[2] / "model_configs").glob("*.yaml")))  # the whole store
 REPLICA_CPUS = "0.05"  # 28 replicas (net has 2) on two one-CPU nodes: Ray's CPUs are reservations, not cores
 UNPLACED = "unplaced"
+# A private loopback cluster: Ray 2.60 turns token auth on when a token file exists (a local ray.init() writes
+# ~/.ray/auth_token), and a node started without it then cannot join; the mode is set explicitly for every process.
+RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
 KEY = "r4y-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 BIN = Path(sys.executable).parent
@@ -53,7 +56,7 @@ def _run(command: list[str], log: Path, timeout: float = 180) -> None:
     with log.open("ab") as out:
         out.write(f"\n$ {' '.join(command)}\n".encode())
         out.flush()
-        done = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, timeout=timeout, env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
+        done = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, timeout=timeout, env={**os.environ, **RAY_ENV})
     if done.returncode != 0:
         pytest.fail(f"{' '.join(command[:3])} failed ({done.returncode}):\n{log.read_text()[-3000:]}")
 
@@ -79,6 +82,8 @@ def ray_cluster(log: Path) -> Iterator[Cluster]:
     gcs, dashboard, agent_head, agent_node, http, client, metrics_head, metrics_node = free_ports(8)
     ray = str(BIN / "ray")
     node = ["--node-ip-address=127.0.0.1", "--num-cpus=1", "--disable-usage-stats"]
+    before = {k: os.environ.get(k) for k in RAY_ENV}
+    os.environ.update(RAY_ENV)  # this process's state API calls (list_actors) talk to the same cluster
     try:
         _run([ray, "start", "--head", f"--port={gcs}", f"--temp-dir={temp}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
               f"--dashboard-port={dashboard}", f"--dashboard-agent-listen-port={agent_head}", f"--ray-client-server-port={client}", f"--metrics-export-port={metrics_head}",
@@ -88,6 +93,8 @@ def ray_cluster(log: Path) -> Iterator[Cluster]:
         yield Cluster(f"127.0.0.1:{gcs}", f"http://127.0.0.1:{http}", f"http://127.0.0.1:{dashboard}", temp, log,
                       [f"http://127.0.0.1:{metrics_head}/metrics", f"http://127.0.0.1:{metrics_node}/metrics"])
     finally:
+        for k, v in before.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
         processes = _ours(temp, gcs)
         for process in processes:
             try:
