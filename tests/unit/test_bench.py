@@ -38,13 +38,17 @@ def test_verdicts_compare_with_the_right_baseline() -> None:
     lines = verdicts(table, [1, 32])
     assert "- met: c=1 throughput 1.00x stock-b1 (target >= 0.9x)" in lines
     assert "- met: c=1 p50 1.12x stock-b1's (target <= 1.2x)" in lines
-    assert "- met: c=32 throughput 1.15x the best stock configuration (target >= 1.1x)" in lines  # the tuned one, not b1
+    assert "- **missed**: c=32 throughput 1.15x the best stock configuration (target >= 1.5x)" in lines  # the tuned one, not b1
     assert "- met: c=32 throughput 3.45x LitServe (target >= 3x)" in lines
     table[("project", 32)] = _s(6000, 4.0, 11.0, errors=1)
     lines = verdicts(table, [32])
-    assert "- **missed**: c=32 throughput 1.00x the best stock configuration (target >= 1.1x)" in lines
-    assert "- **missed**: c=32 p99 11.00 ms vs the best stock p99 10.00 ms (target <=)" in lines
+    assert "- **missed**: c=32 throughput 1.00x the best stock configuration (target >= 1.5x)" in lines
+    assert "- met: c=32 p99 11.00 ms, 1.10x the best stock p99 10.00 ms (target <= 1.1x)" in lines
     assert "- **missed**: c=32 errors: 1" in lines
+    table[("project", 32)] = _s(9100, 4.0, 11.5)
+    lines = verdicts(table, [32])
+    assert "- met: c=32 throughput 1.52x the best stock configuration (target >= 1.5x)" in lines
+    assert "- **missed**: c=32 p99 11.50 ms, 1.15x the best stock p99 10.00 ms (target <= 1.1x)" in lines
 
 
 def test_generated_block_replaces_only_itself(tmp_path: Path) -> None:
