@@ -55,6 +55,7 @@ class AudioClassifierHandler(BatchHandler):
     """One audio clip per request (or per v1/v2 instance) in, its top-k classes with probabilities out."""
 
     options_type: Any = AudioOptions
+    heavy_decode = True
     options: AudioOptions
 
     @classmethod

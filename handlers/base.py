@@ -91,6 +91,9 @@ class BatchHandler:
     max_instances: ClassVar[int] = 64
     #: what the serving host needs besides torch (pip requirement lines): the archive's requirements.txt
     requirements: ClassVar[tuple[str, ...]] = ()
+    #: decoding one request costs milliseconds (an image, a clip): with more than one torch thread, a batch's
+    #: requests are decoded side by side (Pillow, torch and soundfile let go of the GIL), not one after another
+    heavy_decode: ClassVar[bool] = False
 
     def __init__(self, options: Any, model: ModelOptions, model_dir: Path) -> None:
         self.options = options

@@ -214,6 +214,8 @@ class HandlerOptions:
     torch_threads: int | None = option(None, minimum=1, doc="torch threads per worker; default: cores / maxWorkers")
     ig_steps: int = option(50, minimum=1, maximum=10_000, doc="Integrated Gradients steps for /explanations")
     metrics: bool = option(True, doc="the handler's own counters, handed to the host once a second, not per batch")
+    fold_batchnorm: bool = option(False, doc="fold each BatchNorm into the convolution or Linear before it (torch.fx), checked at load")
+    channels_last: bool = option(False, doc="convolution weights and images in channels-last memory, oneDNN's fast layout, checked at load")
 
 
 @dataclass(frozen=True, kw_only=True)

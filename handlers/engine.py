@@ -22,6 +22,7 @@ import inspect
 import logging
 import time
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -33,10 +34,10 @@ from .base import BatchHandler, Decoded
 from .config import ModelOptions, parse
 from .errors import ExplanationsUnavailable, HandlerError, ModelLoadError
 from .inputs import Inputs, logits
-from .loaders import Loaded, load_model, model_format
+from .loaders import Loaded, load_model, model_format, speed_up
 from .observe import BatchStats
 from .payload import Request
-from .runtime import default_threads, limit_threads, select_device
+from .runtime import limit_threads, select_device, worker_threads
 
 try:
     from .. import __version__
@@ -64,6 +65,8 @@ class ModelSource:
     #: torch threads for this process: None as a TorchServe worker sets them (``handler.torch_threads``,
     #: else cores / maxWorkers), 0 to leave them as they are
     threads: int | None = None
+    #: the largest batch the host hands the engine (TorchServe's ``batch_size``); None where unknown
+    batch_size: int | None = None
 
     @property
     def version(self) -> str | None:
@@ -117,7 +120,7 @@ class Engine:
         self.name = source.name
         self.version = source.version
         options, model = read_options(handler_class, source.config)
-        threads = source.threads if source.threads is not None else (options.torch_threads or default_threads(source.config))
+        threads = source.threads if source.threads is not None else worker_threads(source.config, options.torch_threads, source.batch_size)
         if threads:
             limit_threads(threads)
         device, unused = select_device(source.gpu_id, model_format(model.format).placement)
@@ -128,11 +131,16 @@ class Engine:
         except Exception as err:
             # Any other type would make TorchServe restart the worker forever instead of reporting it.
             raise ModelLoadError(f"the {model.format} model cannot be loaded on {device}: {err}") from err
-        self.model, self.device = self.loaded.run, self.loaded.inputs_on
         self.model_options = model
         self.sample_inputs: Inputs = tuple(handler_class.model_inputs(options, model).values())
+        self.loaded = speed_up(self.loaded, model, options.fold_batchnorm, options.channels_last,
+                               tuple(t.to(self.loaded.inputs_on) for t in self.sample_inputs))
+        self.model, self.device = self.loaded.run, self.loaded.inputs_on
         self.sample_outputs = self._smoke_test()
         self.handler = handler_class(options, model, Path(source.model_dir))
+        # as many decoding threads as torch threads: the cores a batch computes on decode its requests
+        cores = torch.get_num_threads()
+        self._decoders = ThreadPoolExecutor(cores, thread_name_prefix="serveready-decode") if handler_class.heavy_decode and cores > 1 else None
         _adapt_old_decode(self.handler)
         self.handler.setup(self.sample_outputs)
         logger.info(
@@ -144,6 +152,11 @@ class Engine:
     @property
     def options(self) -> Any:
         return self.handler.options
+
+    def close(self) -> None:
+        """Let the decoding threads go (a worker process simply exits; an in-process host calls this)."""
+        if self._decoders is not None:
+            self._decoders.shutdown(wait=False)
 
     def _smoke_test(self) -> torch.Tensor:
         """The handler's sample inputs (zeros of ``model.sample_shape``): a model that cannot run where it was
@@ -162,7 +175,10 @@ class Engine:
         """
         stats = BatchStats() if stats is None else stats
         began = time.perf_counter()
-        decoded = [self._decode(idx, request) for idx, request in enumerate(requests)]
+        if self._decoders is not None and len(requests) > 1:
+            decoded = list(self._decoders.map(self._decode, range(len(requests)), requests))
+        else:
+            decoded = [self._decode(idx, request) for idx, request in enumerate(requests)]
         stats.timed("preprocess", began)
         replies: list[Reply | None] = [None] * len(decoded)
         predicted: list[int] = []

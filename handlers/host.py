@@ -139,6 +139,7 @@ class Model:
     def close(self) -> None:
         """Drop the model and remove the unpacked archive (when ``load`` unpacked it)."""
         self.closed = True
+        self.engine.close()
         if self._owns_folder:
             shutil.rmtree(self.folder, ignore_errors=True)
 

@@ -43,6 +43,7 @@ class ImageClassifierHandler(BatchHandler):
     """One image per request in, its top-k classes with probabilities out."""
 
     options_type: Any = ImageOptions
+    heavy_decode = True
     options: ImageOptions
 
     @classmethod

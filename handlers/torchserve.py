@@ -52,6 +52,7 @@ class TorchServeEntry:
             config=dict(context.model_yaml_config or {}),
             name=str(getattr(context, "model_name", "") or ""),
             gpu_id=properties.get("gpu_id"),
+            batch_size=int(properties.get("batch_size") or 1),
         )
         self.engine = Engine(self.handler_class, source)
         if in_worker_process():

@@ -119,7 +119,7 @@ def _tune_options(sub: Any) -> None:
     u.add_argument("--workers", type=_ints, default=(1, 2), help="worker counts to try (default: 1,2)")
     u.add_argument("--batch-sizes", type=_ints, default=(1, 4, 8, 16), help="batchSize values to try (default: 1,4,8,16)")
     u.add_argument("--delays", type=_ints, default=(0, 1, 5), help="maxBatchDelay values (ms) to try (default: 0,1,5)")
-    u.add_argument("--threads", type=_ints, help="torch threads per worker to try (default: 1 and cores/workers)")
+    u.add_argument("--threads", type=_ints, help="torch threads per worker to try, up to the cores each (default: 1 and cores/workers, so workers x threads <= cores)")
     u.add_argument("--body", type=Path, help="the request body to send (default: one made for the built-in handler)")
     u.add_argument("--content-type", default="application/json", help="with --body (default: %(default)s)")
     u.add_argument("--out", type=Path, default=Path("docs/tuning"), help="NAME.md, NAME.png and NAME.json go here (default: %(default)s)")

@@ -108,8 +108,9 @@ def parse_result(stdout: str, concurrency: int, client_cpu_s: float) -> LoadResu
     )
 
 
-def run_wrk(load: Load, concurrency: int, seconds: float, timeout_s: float = 10.0) -> LoadResult:
-    """``concurrency`` keep-alive connections, each sending its next request when the last is answered."""
+def run_wrk(load: Load, concurrency: int, seconds: float, timeout_s: float = 10.0, settle: bool = True) -> LoadResult:
+    """``concurrency`` keep-alive connections, each sending its next request when the last is answered; then,
+    with ``settle``, :func:`drain` (a caller that reads the server's CPU over the run drains after reading it)."""
     with tempfile.TemporaryDirectory(prefix="wrk-") as tmp:
         script = Path(tmp, "post.lua")
         script.write_text(lua_script(load))
@@ -121,7 +122,8 @@ def run_wrk(load: Load, concurrency: int, seconds: float, timeout_s: float = 10.
     if done.returncode != 0:
         raise ScriptError(f"wrk failed ({done.returncode}): {done.stderr.strip() or done.stdout.strip()}")
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    drain(load)
+    if settle:
+        drain(load)
     return parse_result(done.stdout, concurrency, cpu)
 
 

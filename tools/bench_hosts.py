@@ -13,13 +13,13 @@ import contextlib
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import psutil
 import requests
-import yaml
 
 from serveready.scripts.runinfo import ScriptError
 from serveready.scripts.server import free_ports
@@ -27,15 +27,19 @@ from serveready.scripts.server import free_ports
 BIN = Path(sys.executable).parent
 
 
-def _wait(url: str, ok: Callable[[requests.Response], bool], process: subprocess.Popen, log: Path, timeout: float, what: str) -> None:
+def _wait(url: str, ok: Callable[[requests.Response], bool], process: subprocess.Popen, log: Path, timeout: float, what: str,
+          stop: Callable[[], None]) -> None:
+    """Until ``url`` answers ``ok``; a host that exits or is not ready in time is stopped (``stop``) before the error."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
+            stop()
             raise ScriptError(f"{what} exited ({process.returncode}); see {log}")
         with contextlib.suppress(requests.RequestException):
             if ok(requests.get(url, timeout=2)):
                 return
         time.sleep(0.3)
+    stop()  # a supervisor that keeps restarting its copies would otherwise outlive the bench
     raise ScriptError(f"{what} was not ready within {timeout:.0f}s; see {log}")
 
 
@@ -46,7 +50,8 @@ def start_kserve(model: str, store: Path, log: Path, workers: int = 2, timeout: 
                "--grpc_port", str(grpc), "--enable_grpc", "false", "--workers", str(workers)]
     with open(log, "wb") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True, cwd=log.parent)
-    _wait(f"http://127.0.0.1:{http}/v2/models/{model}/ready", lambda r: r.status_code == 200, process, log, timeout, "KServe's model server")
+    _wait(f"http://127.0.0.1:{http}/v2/models/{model}/ready", lambda r: r.status_code == 200, process, log, timeout, "KServe's model server",
+          lambda: stop_processes(tree(process.pid)))
     return process, f"http://127.0.0.1:{http}/predictions/{model}"
 
 
@@ -57,23 +62,16 @@ def start_ray(model: str, store: Path, scratch: Path, log: Path, replicas: int =
     config = scratch / "serve_config.yaml"
     subprocess.run([str(BIN / "ts-archive"), "ray", "--store", str(store.resolve()), model, "--out", str(config), "--port", str(port),
                     "--num-cpus", "1", "--replicas", str(replicas)], check=True, capture_output=True)
-    temp = Path(tempfile_dir())
+    temp = Path(tempfile.mkdtemp(prefix="sr-bench-ray-", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
     # RAY_AUTH_MODE explicit: a local Ray 2.60 otherwise writes ~/.ray/auth_token into the user's home, after which
     # every later `ray start` turns token auth on (and nodes started without the token cannot join)
     env = {**os.environ, "RAY_TMPDIR": str(temp), "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
     with open(log, "wb") as out:
         process = subprocess.Popen([str(BIN / "serve"), "run", str(config)], stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                    start_new_session=True, env=env, cwd=scratch)
-    _wait(f"http://127.0.0.1:{port}/v2/models/{model}/ready", lambda r: r.status_code == 200, process, log, timeout, "Ray Serve")
-    yaml.safe_load(config.read_text())  # written, parsed: what was served
+    _wait(f"http://127.0.0.1:{port}/v2/models/{model}/ready", lambda r: r.status_code == 200, process, log, timeout, "Ray Serve",
+          lambda: stop_ray(process, temp))
     return process, f"http://127.0.0.1:{port}/predictions/{model}", temp
-
-
-def tempfile_dir() -> str:
-    """A short folder for Ray's sockets (their paths must fit 107 bytes)."""
-    import tempfile
-
-    return tempfile.mkdtemp(prefix="sr-bench-ray-", dir="/tmp")
 
 
 def ray_processes(temp: Path) -> list[psutil.Process]:
@@ -88,10 +86,11 @@ def ray_processes(temp: Path) -> list[psutil.Process]:
 
 
 def stop_processes(processes: list[psutil.Process]) -> None:
+    """SIGTERM, 10 s, then SIGKILL for what is left."""
     for process in processes:
         with contextlib.suppress(psutil.Error):
             process.terminate()
-    _, alive = psutil.wait_procs(processes, timeout=15)
+    _, alive = psutil.wait_procs(processes, timeout=10)
     for process in alive:
         with contextlib.suppress(psutil.Error):
             process.kill()
@@ -113,15 +112,4 @@ def tree(pid: int) -> list[psutil.Process]:
     return []
 
 
-def rss_mb(pids: list[int]) -> tuple[float, int]:
-    """Resident memory of the process trees (MiB) and how many processes they hold."""
-    total, count = 0.0, 0
-    for pid in pids:
-        for process in tree(pid):
-            with contextlib.suppress(psutil.Error):
-                total += process.memory_info().rss / 2**20
-                count += 1
-    return total, count
-
-
-__all__ = ["rss_mb", "start_kserve", "start_ray", "stop_processes", "stop_ray", "tree"]
+__all__ = ["ray_processes", "start_kserve", "start_ray", "stop_processes", "stop_ray", "tree"]

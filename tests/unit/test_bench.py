@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import subprocess
 from pathlib import Path
 
+import psutil
+import pytest
+
 from serveready.scripts.loadgen import Load, lua_script, parse_result
-from tools.bench import START, Summary, main, verdicts, write_doc
+from tools.bench import START, TARGETS, Summary, System, alone, main, plain_verdicts, role, verdicts, write_doc
 
 
 def test_lua_script_posts_the_body_with_the_key(tmp_path: Path) -> None:
@@ -37,7 +42,7 @@ def test_verdicts_compare_with_the_right_baseline() -> None:
     }
     lines = verdicts(table, [1, 32])
     assert "- met: c=1 throughput 1.00x stock-b1 (target >= 0.9x)" in lines
-    assert "- met: c=1 p50 1.12x stock-b1's (target <= 1.2x)" in lines
+    assert "- met: c=1 p50 1.12x the lowest stock p50 (stock-b1's; target <= 1.2x)" in lines
     assert "- **missed**: c=32 throughput 1.15x the best stock configuration (target >= 1.5x)" in lines  # the tuned one, not b1
     assert "- met: c=32 throughput 3.45x LitServe (target >= 3x)" in lines
     table[("project", 32)] = _s(6000, 4.0, 11.0, errors=1)
@@ -49,6 +54,66 @@ def test_verdicts_compare_with_the_right_baseline() -> None:
     lines = verdicts(table, [32])
     assert "- met: c=32 throughput 1.52x the best stock configuration (target >= 1.5x)" in lines
     assert "- **missed**: c=32 p99 11.50 ms, 1.15x the best stock p99 10.00 ms (target <= 1.1x)" in lines
+
+
+def test_the_compute_bound_model_has_targets_of_its_own() -> None:
+    """resnet18: >= 1.1x the best stock set-up from 8 clients on, a lone client's p50 within 1.1x of the lowest stock
+    p50; its throughput at 1 client and against LitServe are reported, not judged."""
+    table = {
+        ("project", 1): _s(24, 42.0, 60), ("stock-b1", 1): _s(21, 41.5, 135), ("stock-tuned", 1): _s(15, 66.0, 76),
+        ("project", 64): _s(41, 1500, 1600), ("stock-b1", 64): _s(11, 3000, 4000), ("stock-tuned", 64): _s(35, 1700, 1700),
+        ("litserve", 64): _s(38, 1600, 1700),
+    }
+    lines = verdicts(table, [1, 64], targets=TARGETS["resnet18"])
+    assert "- (reported) c=1 throughput 1.14x stock-b1" in lines
+    assert "- met: c=1 p50 1.01x the lowest stock p50 (stock-b1's; target <= 1.1x)" in lines
+    assert "- met: c=64 throughput 1.17x the best stock configuration (target >= 1.1x)" in lines
+    assert "- (reported) c=64 throughput 1.08x LitServe" in lines
+    assert not any("p99" in line for line in lines)
+    table[("project", 1)] = _s(20, 47.0, 60)
+    assert "- **missed**: c=1 p50 1.13x the lowest stock p50 (stock-b1's; target <= 1.1x)" in verdicts(table, [1], targets=TARGETS["resnet18"])
+
+
+def test_plain_host_is_judged_on_cpu_and_throughput() -> None:
+    table = {("plain", 1): _s(1000, 1, 2), ("stock-b1", 1): _s(1000, 1, 2), ("plain", 8): _s(2150, 1, 2), ("stock-b1", 8): _s(2000, 1, 2),
+             ("plain", 64): _s(1500, 1, 2), ("stock-b1", 64): _s(1000, 1, 2)}
+    table[("plain", 8)] = dataclasses.replace(table[("plain", 8)], server_cpu_us=90.0)
+    lines = plain_verdicts(table, [1, 8, 64])
+    assert "- met: c=1 throughput 1.00x the stock handler's (target >= 1x)" in lines
+    assert "- **missed**: c=1 server CPU 100 vs the stock handler's 100 µs/request (1.00x; target < 1)" in lines
+    assert "- **missed**: c=8 throughput 1.07x the stock handler's (target >= 1.1x)" in lines
+    assert "- met: c=8 server CPU 90 vs the stock handler's 100 µs/request (0.90x; target < 1)" in lines
+    assert "- (reported) c=64 throughput 1.50x the stock handler's" in lines
+
+
+def test_a_system_is_measured_alone_and_its_neighbours_resume(tmp_path: Path) -> None:
+    """The other systems' processes are stopped (SIGSTOP) while one is measured, and continued afterwards, even when
+    the measurement fails; processes a system shares with the measured one keep running."""
+    procs = [subprocess.Popen(["sleep", "60"]) for _ in range(3)]
+    try:
+        measured = System("project", "", None, [procs[0].pid, procs[2].pid], b"", "")
+        neighbour = System("ray", "", None, [procs[1].pid, procs[2].pid], b"", "")
+        state = {p.pid: psutil.Process(p.pid) for p in procs}
+        with pytest.raises(RuntimeError), alone(measured, [measured, neighbour]):
+            assert [state[p.pid].status() for p in procs] == ["sleeping", "stopped", "sleeping"]
+            raise RuntimeError("a cell failed")
+        assert [state[p.pid].status() for p in procs] == ["sleeping"] * 3
+        with alone(measured, [measured, neighbour], freeze=False):
+            assert state[procs[1].pid].status() == "sleeping"
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+
+
+def test_server_cpu_is_told_apart_by_process() -> None:
+    assert role(["/usr/lib/jvm/java-17/bin/java", "-cp", "model-server.jar"]) == "Java frontend"
+    assert role(["/venv/bin/python", "/venv/lib/ts/model_service_worker.py", "--sock-type", "unix"]) == "Python workers"
+    assert role(["ray::ProxyActor"]) == "Serve's HTTP proxy"
+    assert role(["ray::ServeReplica:serveready:Ingress"]) == "ingress replica"
+    assert role(["ray::ServeReplica:serveready:net"]) == "model replicas"
+    assert role(["/venv/lib/python3.11/site-packages/ray/core/src/ray/gcs/gcs_server", "--log_dir=/tmp"]) == "Ray's own processes"
+    assert role(["python", "-m", "serveready.kserve", "--model_dir", "model_store"]) == "server"
 
 
 def test_generated_block_replaces_only_itself(tmp_path: Path) -> None:

@@ -42,7 +42,8 @@ def test_archive_holds_model_weights_config_and_handlers(net_archive: Path, net_
     }
     assert config["minWorkers"] == net_spec.serve.minWorkers and config["deviceType"] == "cpu"  # serve: as written (tuned)
     assert config["model"] == {"format": "eager", "class_name": "Net", "kwargs": {"in_features": 10, "hidden": 20}, "sample_shape": [2, 10]}
-    assert config["handler"] == {"torch_threads": 1, "ig_steps": 50, "metrics": True, "input_width": 10, "max_rows": 1024}
+    assert config["handler"] == {"torch_threads": 1, "ig_steps": 50, "metrics": True, "fold_batchnorm": False, "channels_last": False,
+                                 "input_width": 10, "max_rows": 1024}
     assert config["serveready"] == {"version": "0.3.0", "handler": "serveready.handlers.tabular:TabularHandler"}
     assert weights == net_spec.weights.read_bytes()  # the state_dict itself, not a pickled module
 

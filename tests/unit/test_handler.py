@@ -28,6 +28,19 @@ def test_initialize_loads_eval_model_with_one_thread(net_dir: Path) -> None:
     assert torch.get_num_threads() == 1  # the archive's handler.torch_threads
 
 
+def test_a_worker_of_batches_of_one_keeps_to_its_share_of_the_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch_threads beyond the share (cores / maxWorkers) hold for batches; a host that sends one request at a
+    time (a plain TorchServe reading batchSize: 1) gets the share."""
+    from serveready.handlers.runtime import worker_threads
+
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    two = {"minWorkers": 2, "maxWorkers": 2}
+    assert worker_threads(two, None) == 1 and worker_threads({"maxWorkers": 1}, None) == 2
+    assert worker_threads(two, 2, batch_size=4) == 2 and worker_threads(two, 2, batch_size=None) == 2
+    assert worker_threads(two, 2, batch_size=1) == 1
+    assert worker_threads({"maxWorkers": 1}, 2, batch_size=1) == 2  # within the share: as configured
+
+
 def test_predictions_match_independent_numpy_forward(net_dir: Path) -> None:
     rows = np.random.default_rng(1).normal(size=(5, 10))
     handler, context = _ready(net_dir, 1)

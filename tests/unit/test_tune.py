@@ -53,6 +53,14 @@ def test_with_the_no_wait_aggregator_every_batch_size_without_delay_is_a_candida
     assert len(grid) == 3 * (1 + 3 * 3) == len(set(grid))  # per (workers, threads): b1, and {4, 8, 16} x {0, 1, 5}
 
 
+def test_thread_counts_given_may_share_the_cores_between_workers() -> None:
+    """By default workers x threads stay within the cores; counts given explicitly may oversubscribe them (a
+    model that computes in batches gains from it), never beyond the cores per worker."""
+    grid = candidates(cores=2, workers=(1, 2), batch_sizes=(1, 8), delays=(0,), threads=(1, 2, 4), no_wait=True)
+    assert sorted((c.workers, c.threads) for c in grid if c.batch_size == 8) == [(1, 1), (1, 2), (2, 1), (2, 2)]
+    assert Candidate(2, 1, 0, 2) not in grid  # at batch 1 a worker keeps to its share of the cores (worker_threads)
+
+
 def test_pick_takes_the_highest_throughput_that_meets_the_bound() -> None:
     assert pick(RECORDED, p99_ms=50).candidate == Candidate(2, 8, 1, 1)
     assert pick(RECORDED, p99_ms=100).candidate == Candidate(1, 2, 0, 1)  # the bound admits it: highest geometric mean
