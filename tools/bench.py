@@ -76,6 +76,9 @@ class Workload:
     extra_files: tuple[Path, ...] = ()  # what the stock handler reads beside the weights (a tokenizer)
     configs: Path | None = None  # a model outside the repository's model_configs/: built into its own store on first use
     stock_model_file: Path | None = None  # what the stock archive names as its model file, when not model_file
+    #: at least this long a cell: a model of ~40 ms on 2 cores completes ~25 requests a second, and a 4 s cell at 64
+    #: clients would hold two rounds of them
+    min_seconds: float = 0.0
 
     def store(self, default: Path) -> Path:
         """Where its archive is: the model store, or its example's own (``examples/NAME/model_store``)."""
@@ -176,7 +179,7 @@ def workloads(image: Path, review: Path = Path("docs/review.txt"), clip: Path = 
                                   json.dumps({"audio": base64.b64encode(wav).decode()}).encode()),
         "resnet18": Workload("resnet18", "image", RESNET / "models/resnet18.py", "ResNet18", RESNET / "artifacts/resnet18.pt", jpeg, "image/jpeg",
                              json.dumps({"image": base64.b64encode(jpeg).decode()}).encode(), configs=RESNET / "model_configs",
-                             stock_model_file=BASELINES / "stock_resnet18_model.py"),
+                             stock_model_file=BASELINES / "stock_resnet18_model.py", min_seconds=10.0),
     }
 
 
@@ -381,10 +384,13 @@ def answer_of(system: System) -> str:
 
 
 def bench(work: Workload, names: Sequence[str], levels: Sequence[int], seconds: float, repeats: int, warmup: float,
-          store: Path, progress, freeze: bool = True) -> tuple[dict[tuple[str, int], list[Cell]], str, dict[str, dict[str, float]]]:
+          store: Path, progress, freeze: bool = True, settle: float = 1.0) -> tuple[dict[tuple[str, int], list[Cell]], str, dict[str, dict[str, float]]]:
     """Check that every system gives the same answer, warm them up, then interleave levels and systems, ``repeats``
-    times, rotating the order, each measured :func:`alone` (unless ``freeze`` is off). Returns the cells, the
-    answer, and per host its cold start and (after the warm-up) its resident memory and processes."""
+    times, rotating the order, each measured :func:`alone` (unless ``freeze`` is off) after ``settle`` seconds of
+    the same load unmeasured (a server just continued, or just done with another level, is not yet at its pace).
+    Returns the cells, the answer, and per host its cold start and (after the warm-up) its resident memory and
+    processes."""
+    seconds = max(seconds, work.min_seconds)
     cells: dict[tuple[str, int], list[Cell]] = {}
     cold: dict[str, float] = {}
     hosts: dict[str, dict[str, float]] = {}
@@ -409,6 +415,8 @@ def bench(work: Workload, names: Sequence[str], levels: Sequence[int], seconds: 
             for level in levels:
                 for system in order:
                     with alone(system, systems, freeze):
+                        if settle > 0:
+                            measure(system, level, settle, Path(tmp), -1)
                         cell = measure(system, level, seconds, Path(tmp), repeat)
                     cells.setdefault((system.name, level), []).append(cell)
                     done += 1
@@ -455,7 +463,7 @@ def roles_table(table: dict[tuple[str, int], Summary], names: Sequence[str], lev
         for level in levels:
             s = table.get((name, level))
             if s is not None and len(s.roles_us) > 1:
-                parts = ", ".join(f"{role} {us:,.0f}" for role, us in sorted(s.roles_us.items(), key=lambda kv: -kv[1]))
+                parts = ", ".join(f"{role} {us:,.0f}" for role, us in sorted(s.roles_us.items(), key=lambda kv: -kv[1]) if us >= 0.5)
                 rows.append(f"| {name} | {level} | {s.server_cpu_us:,.0f} | {parts} |")
     if not rows:
         return []
@@ -637,11 +645,14 @@ def write_doc(path: Path, generated: str) -> None:
     path.write_text(text)
 
 
-def header(args: argparse.Namespace) -> str:
+def header(args: argparse.Namespace, longer: dict[str, float]) -> str:
+    """Machine, versions, date and method; ``longer``: the models whose cells last longer than ``--seconds``."""
+    exceptions = "".join(f", {s:g} s for `{m}`" for m, s in longer.items())
     return "\n".join([
         f"`make bench` on {machine()}, {datetime.date.today().isoformat()}; {versions()}.",
         f"`wrk` closed loop, keep-alive; {args.warmup:g} s warm-up per system, then {args.repeats} interleaved repeats of "
-        f"{args.seconds:g} s per cell (req/s: mean and range over the repeats; latencies: means); "
+        f"{args.seconds:g} s per cell{exceptions}, each after {args.settle:g} s of its load unmeasured "
+        "(req/s: mean and range over the repeats; latencies: means); "
         + ("every system running throughout." if args.together else "each system measured alone, the others stopped (SIGSTOP) meanwhile."),
     ])
 
@@ -664,6 +675,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--seconds", type=float, default=4.0, help="seconds per cell (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=2, help="interleaved repeats (default: %(default)s)")
     parser.add_argument("--warmup", type=float, default=15.0, help="warm-up seconds per system (default: %(default)s)")
+    parser.add_argument("--settle", type=float, default=1.0, help="seconds of each cell's load, unmeasured, before it (default: %(default)s)")
     parser.add_argument("--together", action="store_true",
                         help="keep every system running while one is measured (default: the others are stopped with SIGSTOP meanwhile)")
     parser.add_argument("--model-store", type=Path, default=Path("model_store"))
@@ -694,13 +706,14 @@ def main(argv: list[str] | None = None) -> int:
                     raise ScriptError(f"unknown model {model!r}: ts-bench knows {', '.join(works)}")
             archives = {model: ensure_archive(works[model], args.model_store, lambda line: print(line, file=sys.stderr, flush=True)) for model in chosen}
             args.out.parent.mkdir(parents=True, exist_ok=True)
-            recorded = {"header": header(args), "names": names, "levels": levels, "profiles": {}, "cells": {}, "answers": {}, "hosts": {}}
+            longer = {m: works[m].min_seconds for m in chosen if works[m].min_seconds > args.seconds}
+            recorded = {"header": header(args, longer), "names": names, "levels": levels, "profiles": {}, "cells": {}, "answers": {}, "hosts": {}}
             for model in chosen:
                 work = works[model]
                 print(f"{model}: profiling one batch in-process (TorchServe's Service.predict and the handler's stages)", file=sys.stderr)
                 recorded["profiles"][model] = profile_table(model, profile_archive(archives[model], work.body, work.content_type))
                 cells, recorded["answers"][model], recorded["hosts"][model] = bench(work, names, levels, args.seconds, args.repeats, args.warmup, archives[model].parent,
-                                                          lambda line: print(line, file=sys.stderr, flush=True), not args.together)
+                                                          lambda line: print(line, file=sys.stderr, flush=True), not args.together, args.settle)
                 recorded["cells"][model] = [{"system": c.system, "repeat": c.repeat, "server_cpu_us": round(c.server_cpu_us, 1),
                                              "roles_us": {k: round(v, 1) for k, v in c.roles_us.items()}, **c.result.to_dict()}
                                             for value in cells.values() for c in value]
