@@ -53,14 +53,8 @@ class _TimedPool:
     take the wall time of the slowest thread, not the sum of the threads' times."""
 
     def __init__(self, pool: Any, totals: dict[str, float]) -> None:
-        self._pool, self._totals = pool, totals
-
-    def map(self, fn: Callable[..., Any], *iterables: Any) -> list[Any]:
-        begin = time.perf_counter()
-        try:
-            return list(self._pool.map(fn, *iterables))
-        finally:
-            self._totals["decode"] += time.perf_counter() - begin
+        self._pool = pool
+        self.map = _timed(totals, "decode", lambda fn, *iterables: list(pool.map(fn, *iterables)))
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._pool, name)
@@ -71,17 +65,9 @@ def _time_decoding(engine: Any, totals: dict[str, float]) -> None:
     (``engine._decode`` on the calling thread), or side by side (the pool of ``BatchHandler.heavy_decode``)."""
     caller = threading.get_ident()
     decode = engine._decode
-
-    def timed(*args: Any) -> Any:
-        if threading.get_ident() != caller:  # a pool thread: the pool's map is timed instead
-            return decode(*args)
-        begin = time.perf_counter()
-        try:
-            return decode(*args)
-        finally:
-            totals["decode"] += time.perf_counter() - begin
-
-    engine._decode = timed
+    timed = _timed(totals, "decode", decode)
+    # on a pool thread the pool's map is timed instead
+    engine._decode = lambda *args: timed(*args) if threading.get_ident() == caller else decode(*args)
     if getattr(engine, "_decoders", None) is not None:
         engine._decoders = _TimedPool(engine._decoders, totals)
 
