@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import subprocess
+import time
 from pathlib import Path
 
 import psutil
@@ -86,6 +87,15 @@ def test_plain_host_is_judged_on_cpu_and_throughput() -> None:
     assert "- (reported) c=64 throughput 1.50x the stock handler's" in lines
 
 
+def _statuses(procs: list[psutil.Process], expected: list[str], timeout: float = 5.0) -> list[str]:
+    """The processes' states once they are ``expected`` or ``timeout`` has passed: signals are delivered
+    asynchronously, and a process just started may still be running its exec."""
+    deadline = time.monotonic() + timeout
+    while (found := [p.status() for p in procs]) != expected and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return found
+
+
 def test_a_system_is_measured_alone_and_its_neighbours_resume(tmp_path: Path) -> None:
     """The other systems' processes are stopped (SIGSTOP) while one is measured, and continued afterwards, even when
     the measurement fails; processes a system shares with the measured one keep running."""
@@ -93,13 +103,14 @@ def test_a_system_is_measured_alone_and_its_neighbours_resume(tmp_path: Path) ->
     try:
         measured = System("project", "", None, [procs[0].pid, procs[2].pid], b"", "")
         neighbour = System("ray", "", None, [procs[1].pid, procs[2].pid], b"", "")
-        state = {p.pid: psutil.Process(p.pid) for p in procs}
+        state = [psutil.Process(p.pid) for p in procs]
+        assert _statuses(state, ["sleeping"] * 3) == ["sleeping"] * 3
         with pytest.raises(RuntimeError), alone(measured, [measured, neighbour]):
-            assert [state[p.pid].status() for p in procs] == ["sleeping", "stopped", "sleeping"]
+            assert _statuses(state, ["sleeping", "stopped", "sleeping"]) == ["sleeping", "stopped", "sleeping"]
             raise RuntimeError("a cell failed")
-        assert [state[p.pid].status() for p in procs] == ["sleeping"] * 3
+        assert _statuses(state, ["sleeping"] * 3) == ["sleeping"] * 3
         with alone(measured, [measured, neighbour], freeze=False):
-            assert state[procs[1].pid].status() == "sleeping"
+            assert state[1].status() == "sleeping"
     finally:
         for proc in procs:
             proc.kill()
