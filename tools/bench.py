@@ -16,8 +16,9 @@ One run, on the same weights, with ``wrk`` as the closed-loop client:
 
 Every system gets a warm-up (the Java frontend gets 2-3x faster over its first ~30 s),
 then levels and systems are interleaved and repeated (the order rotates each repeat), so
-drift hits all systems alike. Each cell records req/s, p50/p90/p99, errors, the server's
-CPU per request (its whole process tree) and the client's own CPU.
+drift hits all systems alike; the lone client's cells get more repeats (``--lone-repeats``). Each
+cell records req/s, p50/p90/p99, errors, the server's CPU per request (its whole process tree) and
+the client's own CPU; a table gives medians over the repeats.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import psutil
 import requests
@@ -54,6 +56,7 @@ from . import bench_hosts
 from .profile import profile_archive, profile_table
 
 BASELINES = Path(__file__).with_name("baselines")
+T = TypeVar("T")
 SYSTEMS = ("project", "project-1ms", "plain", "stock-b1", "stock-tuned", "litserve", "kserve", "ray")
 #: project-1ms: the same archive and server with the setting ts-archive tune picks when a lone
 #: client may wait (--lone-slowdown 0): full batches, each waiting up to 1 ms to fill.
@@ -383,11 +386,27 @@ def answer_of(system: System) -> str:
     return "values " + ", ".join(f"{v:.4f}" for v in first)
 
 
+def schedule(systems: Sequence[T], levels: Sequence[int], repeats: int, lone_repeats: int = 0) -> list[tuple[int, int, T]]:
+    """The cells in the order they are measured: (repeat, level, system).
+
+    Every level ``repeats`` times, levels and systems interleaved and the systems' order rotating each repeat,
+    so drift hits all systems alike; then the lone-client level (1 client) alone until it has ``lone_repeats``.
+    A lone client of a ~40 ms model completes ~250 requests in 10 s: its p50 follows the machine's phase
+    (``resnet18``'s varied 34-88 ms across repeats of one system), and a median of more repeats is the servers'."""
+    plan = []
+    for repeat in range(max(repeats, lone_repeats)):
+        order = list(systems[repeat % len(systems):]) + list(systems[:repeat % len(systems)])
+        for level in levels if repeat < repeats else [level for level in levels if level == 1]:
+            plan += [(repeat, level, system) for system in order]
+    return plan
+
+
 def bench(work: Workload, names: Sequence[str], levels: Sequence[int], seconds: float, repeats: int, warmup: float,
-          store: Path, progress, freeze: bool = True, settle: float = 1.0) -> tuple[dict[tuple[str, int], list[Cell]], str, dict[str, dict[str, float]]]:
-    """Check that every system gives the same answer, warm them up, then interleave levels and systems, ``repeats``
-    times, rotating the order, each measured :func:`alone` (unless ``freeze`` is off) after ``settle`` seconds of
-    the same load unmeasured (a server just continued, or just done with another level, is not yet at its pace).
+          store: Path, progress, freeze: bool = True, settle: float = 1.0,
+          lone_repeats: int = 0) -> tuple[dict[tuple[str, int], list[Cell]], str, dict[str, dict[str, float]]]:
+    """Check that every system gives the same answer, warm them up, then measure the cells of :func:`schedule`,
+    each :func:`alone` (unless ``freeze`` is off) after ``settle`` seconds of the same load unmeasured (a server
+    just continued, or just done with another level, is not yet at its pace).
     Returns the cells, the answer, and per host its cold start and (after the warm-up) its resident memory and
     processes."""
     seconds = max(seconds, work.min_seconds)
@@ -408,21 +427,16 @@ def bench(work: Workload, names: Sequence[str], levels: Sequence[int], seconds: 
                 rss, count = system.memory()
                 hosts[system.host] = {"cold_start_s": round(cold.get(system.host, float("nan")), 2), "rss_mib": round(rss), "processes": count}
                 progress(f"{work.model}: {system.host}: cold start {hosts[system.host]['cold_start_s']:.1f} s, {rss:,.0f} MiB in {count} processes")
-        total = repeats * len(levels) * len(systems)
-        done = 0
-        for repeat in range(repeats):
-            order = systems[repeat % len(systems):] + systems[:repeat % len(systems)]
-            for level in levels:
-                for system in order:
-                    with alone(system, systems, freeze):
-                        if settle > 0:
-                            measure(system, level, settle, Path(tmp), -1)
-                        cell = measure(system, level, seconds, Path(tmp), repeat)
-                    cells.setdefault((system.name, level), []).append(cell)
-                    done += 1
-                    r = cell.result
-                    progress(f"[{done}/{total}] {work.model} {system.name:12s} c={level:<3d} {r.rps:8,.0f} req/s  p50 {r.p50_ms:6.2f}  "
-                             f"p99 {r.p99_ms:7.2f} ms  errors {r.errors}  server {cell.server_cpu_us:5.0f} us/req  wrk {r.client_cpu_s / r.seconds:.2f} core")
+        plan = schedule(systems, levels, repeats, lone_repeats)
+        for done, (repeat, level, system) in enumerate(plan, 1):
+            with alone(system, systems, freeze):
+                if settle > 0:
+                    measure(system, level, settle, Path(tmp), -1)
+                cell = measure(system, level, seconds, Path(tmp), repeat)
+            cells.setdefault((system.name, level), []).append(cell)
+            r = cell.result
+            progress(f"[{done}/{len(plan)}] {work.model} {system.name:12s} c={level:<3d} {r.rps:8,.0f} req/s  p50 {r.p50_ms:6.2f}  "
+                     f"p99 {r.p99_ms:7.2f} ms  errors {r.errors}  server {cell.server_cpu_us:5.0f} us/req  wrk {r.client_cpu_s / r.seconds:.2f} core")
     return cells, next(iter(answers.values()), ""), hosts
 
 
@@ -430,7 +444,8 @@ def bench(work: Workload, names: Sequence[str], levels: Sequence[int], seconds: 
 
 @dataclass(frozen=True)
 class Summary:
-    """A system at a level, over the repeats: means, and the range of req/s."""
+    """A system at a level, over the repeats: medians (one slow phase of the machine does not move them), the
+    range of req/s, and the mean server CPU."""
 
     rps: float
     rps_low: float
@@ -448,8 +463,8 @@ def summarise(cells: Sequence[Cell]) -> Summary:
     rs = [c.result for c in cells]
     roles = sorted({name for c in cells for name in c.roles_us})
     return Summary(
-        rps=statistics.mean(r.rps for r in rs), rps_low=min(r.rps for r in rs), rps_high=max(r.rps for r in rs),
-        p50=statistics.mean(r.p50_ms for r in rs), p90=statistics.mean(r.p90_ms for r in rs), p99=statistics.mean(r.p99_ms for r in rs),
+        rps=statistics.median(r.rps for r in rs), rps_low=min(r.rps for r in rs), rps_high=max(r.rps for r in rs),
+        p50=statistics.median(r.p50_ms for r in rs), p90=statistics.median(r.p90_ms for r in rs), p99=statistics.median(r.p99_ms for r in rs),
         errors=sum(r.errors for r in rs), server_cpu_us=statistics.mean(c.server_cpu_us for c in cells),
         client_core=max(r.client_cpu_s / r.seconds for r in rs),
         roles_us={name: statistics.mean(c.roles_us.get(name, 0.0) for c in cells) for name in roles},
@@ -651,8 +666,10 @@ def header(args: argparse.Namespace, longer: dict[str, float]) -> str:
     return "\n".join([
         f"`make bench` on {machine()}, {datetime.date.today().isoformat()}; {versions()}.",
         f"`wrk` closed loop, keep-alive; {args.warmup:g} s warm-up per system, then {args.repeats} interleaved repeats of "
-        f"{args.seconds:g} s per cell{exceptions}, each after {args.settle:g} s of its load unmeasured "
-        "(req/s: mean and range over the repeats; latencies: means); "
+        f"{args.seconds:g} s per cell{exceptions}"
+        + (f" ({args.lone_repeats} of the 1-client cells)" if args.lone_repeats > args.repeats else "")
+        + f", each after {args.settle:g} s of its load unmeasured (req/s and latencies: medians over the repeats, "
+        "req/s with its range); "
         + ("every system running throughout." if args.together else "each system measured alone, the others stopped (SIGSTOP) meanwhile."),
     ])
 
@@ -674,6 +691,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--levels", default="1,8,32,64", help="concurrent clients (default: %(default)s)")
     parser.add_argument("--seconds", type=float, default=4.0, help="seconds per cell (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=2, help="interleaved repeats (default: %(default)s)")
+    parser.add_argument("--lone-repeats", type=int, default=4,
+                        help="repeats of the 1-client cells, the extra ones after the others (default: %(default)s)")
     parser.add_argument("--warmup", type=float, default=15.0, help="warm-up seconds per system (default: %(default)s)")
     parser.add_argument("--settle", type=float, default=1.0, help="seconds of each cell's load, unmeasured, before it (default: %(default)s)")
     parser.add_argument("--together", action="store_true",
@@ -713,7 +732,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{model}: profiling one batch in-process (TorchServe's Service.predict and the handler's stages)", file=sys.stderr)
                 recorded["profiles"][model] = profile_table(model, profile_archive(archives[model], work.body, work.content_type))
                 cells, recorded["answers"][model], recorded["hosts"][model] = bench(work, names, levels, args.seconds, args.repeats, args.warmup, archives[model].parent,
-                                                          lambda line: print(line, file=sys.stderr, flush=True), not args.together, args.settle)
+                                                          lambda line: print(line, file=sys.stderr, flush=True), not args.together, args.settle,
+                                                          args.lone_repeats)
                 recorded["cells"][model] = [{"system": c.system, "repeat": c.repeat, "server_cpu_us": round(c.server_cpu_us, 1),
                                              "roles_us": {k: round(v, 1) for k, v in c.roles_us.items()}, **c.result.to_dict()}
                                             for value in cells.values() for c in value]

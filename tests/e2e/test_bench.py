@@ -26,7 +26,7 @@ def test_bench_serves_every_system_and_writes_the_page(net_spec: ModelSpec, net_
     out = tmp_path / "page" / "bench.md"
     out.parent.mkdir()
     command = [sys.executable, "-m", "tools.bench", "--models", "net", "--levels", "1,4", "--seconds", "1", "--repeats", "1",
-               "--warmup", "1", "--image", str(ROOT / "docs" / "images" / "digit.png"), "--out", str(out)]
+               "--lone-repeats", "2", "--warmup", "1", "--image", str(ROOT / "docs" / "images" / "digit.png"), "--out", str(out)]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}  # the repository's tools/, run from another folder
     done = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]
@@ -34,6 +34,8 @@ def test_bench_serves_every_system_and_writes_the_page(net_spec: ModelSpec, net_
     recorded = json.loads(out.with_suffix(".json").read_text())
     cells = {(c["system"], c["concurrency"]): c for c in recorded["cells"]["net"]}
     assert set(cells) == {(s, level) for s in SYSTEMS for level in (1, 4)}
+    repeats = sorted((c["concurrency"], c["repeat"]) for c in recorded["cells"]["net"] if c["system"] == "project")
+    assert repeats == [(1, 0), (1, 1), (4, 0)]  # the lone client's cells twice (--lone-repeats), the others once
     for key, cell in cells.items():  # every system answered, and answered right (wrk counts non-2xx as errors)
         assert cell["requests"] > 0 and cell["errors"] == 0, key
     page = out.read_text()
@@ -60,7 +62,7 @@ def test_bench_runs_the_text_and_audio_workloads_against_their_stock_handlers(se
     out = tmp_path / "page" / "bench.md"
     out.parent.mkdir()
     command = [sys.executable, "-m", "tools.bench", "--models", "sentiment,spoken_digits", "--systems", "project,plain,stock-b1,litserve",
-               "--levels", "2", "--seconds", "1", "--repeats", "1", "--warmup", "1", "--image", str(ROOT / "docs" / "images" / "digit.png"),
+               "--levels", "2", "--seconds", "1", "--repeats", "1", "--lone-repeats", "1", "--warmup", "1", "--image", str(ROOT / "docs" / "images" / "digit.png"),
                "--review", str(ROOT / "docs" / "review.txt"), "--clip", str(ROOT / "docs" / "seven.wav"), "--out", str(out)]
     done = subprocess.run(command, cwd=work, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]

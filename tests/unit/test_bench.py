@@ -11,8 +11,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from serveready.scripts.loadgen import Load, lua_script, parse_result
-from tools.bench import START, TARGETS, Summary, System, alone, main, plain_verdicts, role, verdicts, write_doc
+from serveready.scripts.loadgen import Load, LoadResult, lua_script, parse_result
+from tools.bench import START, TARGETS, Cell, Summary, System, alone, main, plain_verdicts, role, schedule, summarise, verdicts, write_doc
 
 
 def test_lua_script_posts_the_body_with_the_key(tmp_path: Path) -> None:
@@ -151,6 +151,26 @@ def test_page_is_rendered_again_from_the_recorded_run(tmp_path: Path) -> None:
     page = tmp_path / "benchmarks.md"
     assert main(["--from-json", str(source), "--out", str(page)]) == 0
     text = page.read_text()
-    assert "| project | 1 | 1,100 (1,000-1,200) | 1.00 | 2.00 | 2.00 | 0 | 300 | 0.05 |" in text  # the mean and range of two repeats
+    assert "| project | 1 | 1,100 (1,000-1,200) | 1.00 | 2.00 | 2.00 | 0 | 300 | 0.05 |" in text  # the median (of two: their mean) and range of the repeats
     assert "Targets, `project` (net):" in text and "- met: c=8 throughput 2.00x the best stock configuration (target >= 1.1x)" in text
     assert "measured here" in text and "| profile |" in text and (tmp_path / "benchmarks.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_lone_client_gets_more_repeats_after_the_interleaved_ones() -> None:
+    plan = schedule(["a", "b"], [1, 8], repeats=2, lone_repeats=4)
+    assert plan == [(0, 1, "a"), (0, 1, "b"), (0, 8, "a"), (0, 8, "b"),
+                    (1, 1, "b"), (1, 1, "a"), (1, 8, "b"), (1, 8, "a"),  # the order rotates each repeat
+                    (2, 1, "a"), (2, 1, "b"), (3, 1, "b"), (3, 1, "a")]
+    assert schedule(["a", "b"], [8, 32], repeats=1, lone_repeats=3) == [(0, 8, "a"), (0, 8, "b"), (0, 32, "a"), (0, 32, "b")]
+    assert schedule(["a"], [1], repeats=3, lone_repeats=1) == [(0, 1, "a"), (1, 1, "a"), (2, 1, "a")]
+
+
+def test_one_slow_repeat_does_not_move_a_summary() -> None:
+    def cell(rps: float, p50: float, repeat: int) -> Cell:
+        result = LoadResult(concurrency=1, seconds=10.0, requests=int(rps * 10), errors=0, rps=rps, p50_ms=p50, p90_ms=p50, p99_ms=p50,
+                            max_ms=p50, client_cpu_s=0.1)
+        return Cell("project", repeat, result, 60_000.0)
+
+    summary = summarise([cell(25, 40.0, 0), cell(24, 41.0, 1), cell(12, 88.0, 2), cell(25, 39.0, 3)])
+    assert (summary.rps, summary.rps_low, summary.rps_high) == (24.5, 12, 25)
+    assert summary.p50 == 40.5  # the mean would be 52.0
