@@ -667,8 +667,8 @@ def header(args: argparse.Namespace, longer: dict[str, float]) -> str:
         f"`make bench` on {machine()}, {datetime.date.today().isoformat()}; {versions()}.",
         f"`wrk` closed loop, keep-alive; {args.warmup:g} s warm-up per system, then {args.repeats} interleaved repeats of "
         f"{args.seconds:g} s per cell{exceptions}"
-        + (f" ({args.lone_repeats} of the 1-client cells)" if args.lone_repeats > args.repeats else "")
-        + f", each after {args.settle:g} s of its load unmeasured (req/s and latencies: medians over the repeats, "
+        + (f", and {args.lone_repeats - args.repeats} more of each 1-client cell" if args.lone_repeats > args.repeats else "")
+        + f"; each cell after {args.settle:g} s of its load unmeasured (req/s and latencies: medians over the repeats, "
         "req/s with its range); "
         + ("every system running throughout." if args.together else "each system measured alone, the others stopped (SIGSTOP) meanwhile."),
     ])
