@@ -19,6 +19,7 @@ repo's own models train with hooks in ``examples/net/train.py`` and ``examples/d
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import inspect
 import io
 import json
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+import yaml
 from torch import nn
 
 from serveready.handlers.config import parse
@@ -174,7 +176,8 @@ def _options(named: Named, values: dict[str, Any]) -> Any:
 
 
 def is_stale(spec: ModelSpec) -> bool:
-    """True when there is something to (re)make: weights missing, or older than anything they come from.
+    """True when there is something to (re)make: weights missing, or older than anything they come from
+    (the config by its content beyond :data:`SERVING_ONLY`, see :func:`config_digest`).
 
     A model without a ``training:`` hook is never stale: its weights are the user's. A hook-trained
     model whose ``data:`` file or one of whose ``extra_files`` is missing is (the hook writes them: the
@@ -189,10 +192,57 @@ def is_stale(spec: ModelSpec) -> bool:
     if spec.base is None and not all(p.exists() for p in spec.extra_files):
         return True  # files the hook makes beside the weights (a tokenizer)
     built = spec.weights.stat().st_mtime
-    sources = [spec.source, spec.model_file, *made_by(spec)]
+    sources = [spec.model_file, *made_by(spec)]
+    configs = [(spec.source, spec.weights)]
     if spec.base is not None:
-        sources += [spec.base.weights, spec.base.source]
-    return any(not p.exists() or p.stat().st_mtime > built for p in sources) or (spec.base is not None and is_stale(spec.base))
+        sources.append(spec.base.weights)
+        configs.append((spec.base.source, spec.base.weights))
+    return (any(not p.exists() or p.stat().st_mtime > built for p in sources)
+            or any(_config_moved(config, weights, built) for config, weights in configs)
+            or (spec.base is not None and is_stale(spec.base)))
+
+
+def _config_moved(config: Path, weights: Path, built: float) -> bool:
+    """The config changed since ``built`` in what makes the weights, by the digest :func:`train` recorded."""
+    if not config.exists():
+        return True
+    if config.stat().st_mtime <= built:
+        return False
+    recorded = config_digest_path(weights)
+    return not recorded.is_file() or recorded.read_text().strip() != config_digest(config)
+
+
+#: what ``ts-archive tune`` writes into a config, which no training or variant reads: a retuned config
+#: must not retrain its model (a user's may train for hours)
+SERVING_ONLY = ("serve", "handler.torch_threads")
+
+
+def config_digest(config: Path) -> str:
+    """A digest of ``config`` without :data:`SERVING_ONLY` and comments; "" when it cannot be read (stale, so
+    the run that follows names the error)."""
+    try:
+        raw = yaml.safe_load(config.read_text())
+    except (OSError, yaml.YAMLError):
+        return ""
+    if not isinstance(raw, dict):
+        return ""
+    for dotted in SERVING_ONLY:
+        *parents, key = dotted.split(".")
+        section: Any = raw
+        for name in parents:
+            section = section.get(name) if isinstance(section, dict) else None
+        if isinstance(section, dict):
+            section.pop(key, None)
+    return hashlib.sha256(json.dumps(raw, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def config_digest_path(weights: Path) -> Path:
+    """Where :func:`train` records the digest of the config that made ``weights``, next to them."""
+    return weights.with_suffix(".config.sha256")
+
+
+def _record_config(spec: ModelSpec) -> None:
+    config_digest_path(spec.weights).write_text(config_digest(spec.source) + "\n")
 
 
 def made_by(spec: ModelSpec) -> list[Path]:
@@ -220,7 +270,9 @@ def train(spec: ModelSpec) -> TrainResult:
     if spec.base is not None:
         from .variants import derive
 
-        return TrainResult(derive(spec), {})
+        result = TrainResult(derive(spec), {})
+        _record_config(spec)
+        return result
     if spec.training is None:
         raise ArchiverError(f"{spec.name}: {spec.source.name} has no training: section; its weights ({spec.weights}) come from you")
     job = job_for(spec)
@@ -228,4 +280,5 @@ def train(spec: ModelSpec) -> TrainResult:
     if not spec.weights.is_file():
         raise ArchiverError(f"{spec.name}: training hook {spec.training.named.written!r} wrote no weights to {spec.weights}: call job.save(model, metrics)")
     sys.stderr.flush()
+    _record_config(spec)
     return TrainResult(spec.weights, metrics)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import zipfile
 from pathlib import Path
@@ -300,3 +301,33 @@ def test_a_training_hook_of_ones_own_trains_saves_and_builds(net_spec: ModelSpec
     build_all([spec], folder / "model_store")
     rows = {r["name"]: r for r in json.loads((folder / "model_store" / "report.json").read_text())["archives"]}
     assert "mse" in rows["mine"] and rows["mine"]["heldout_rows"] == 16
+
+
+def test_a_retuned_config_does_not_retrain_its_model(net_spec: ModelSpec, tmp_path: Path) -> None:
+    """ts-archive tune rewrites serve: and handler.torch_threads, which training never reads: the next
+    `ts-archive train --if-stale` (make mar) keeps the weights; a change to anything else retrains."""
+    config = mine({"entry": "tabular"}, training={"recipe": "train.py:fit", "epochs": 2})
+    folder = project(tmp_path, net_spec, {"mine": config}, {"train.py": MY_TRAINING})
+    source = folder / "model_configs" / "mine.yaml"
+    [spec] = load_specs(folder / "model_configs")
+    assert ts_archive(["--configs", str(folder / "model_configs"), "train", "mine"]) == 0
+    assert not is_stale(spec)
+
+    def rewrite(changed: dict) -> None:
+        source.write_text("# tuned: a comment above serve:\n" + yaml.safe_dump(changed))
+        later = spec.weights.stat().st_mtime + 10
+        os.utime(source, (later, later))
+
+    rewrite({**config, "handler": {"entry": "tabular", "torch_threads": 2}, "serve": {"minWorkers": 2, "batchSize": 16}})
+    assert not is_stale(spec)  # newer, but only in what the tuner writes
+    rewrite({**config, "handler": {"entry": "tabular", "top_k": 3}})
+    assert is_stale(spec)  # a handler option other than torch_threads: the digest no longer matches
+    rewrite({**config, "training": {"recipe": "train.py:fit", "epochs": 3}})
+    assert is_stale(spec)
+    rewrite(config)
+    assert not is_stale(spec)  # back to what trained it
+    (spec.weights.with_suffix(".config.sha256")).unlink()
+    assert is_stale(spec)  # weights trained before digests were recorded: the file time decides, as before
+    source.write_text("serve: [unclosed\n")
+    os.utime(source, (spec.weights.stat().st_mtime + 20,) * 2)
+    assert is_stale(spec)  # unreadable: the run that follows names the error
