@@ -15,7 +15,7 @@ import yaml
 
 from serveready.archiver import ArchiverError, ModelSpec, build, load_spec, load_specs
 from serveready.archiver.build import build_all, is_built
-from serveready.archiver.training import is_stale
+from serveready.archiver.training import config_digest_path, is_stale
 from serveready.scripts.archive import main as ts_archive
 from tests.conftest import EXAMPLES, answer_without_library, reference_net, unpack
 
@@ -326,7 +326,7 @@ def test_a_retuned_config_does_not_retrain_its_model(net_spec: ModelSpec, tmp_pa
     assert is_stale(spec)
     rewrite(config)
     assert not is_stale(spec)  # back to what trained it
-    (spec.weights.with_suffix(".config.sha256")).unlink()
+    config_digest_path(spec.weights).unlink()
     assert is_stale(spec)  # weights trained before digests were recorded: the file time decides, as before
     source.write_text("serve: [unclosed\n")
     os.utime(source, (spec.weights.stat().st_mtime + 20,) * 2)
